@@ -1,0 +1,1 @@
+"""promed_jax.data."""
