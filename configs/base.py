@@ -1,0 +1,231 @@
+"""The base config: every section of promed_jax with the paper's values as named fields.
+
+Stage files (`shapley.py`, `mcts.py`, `sft.py`, `rl.py`, `eval.py`) start from `get_config()` and pick a
+preset with `apply_preset`. Sections are owned by the code that reads them; add fields to your own section
+with small edits. A comment "paper" marks a value taken from ../shared/reference/promed.md.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("tiny", "smollm", "qwen7b", "llama8b")
+
+# Relative paths in configs are resolved against the repository root (see promed_jax.data.resolve_path).
+MEDQA_PATH = "../shared/data/medqa_dev_convo.jsonl"
+CMB_PATH = "../shared/data/cmb_atomic_patient_train.json"
+
+
+def model_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "tiny"  # 'tiny' (random, seeded) | 'hf' (a Hugging Face folder) | 'gguf' (SmolLM2 by default)
+    c.path = ""  # HF folder or .gguf file; empty with kind='gguf' means the SmolLM2 package's file
+    c.dtype = "float32"  # activations
+    c.param_dtype = "float32"
+    c.remat = False
+    c.seed = 0
+    c.lora_rank = 8  # paper
+    c.lora_alpha = 32.0  # paper
+    c.lora_dropout = 0.1  # paper
+    c.lora_targets = ("q_proj", "v_proj")  # paper
+    # Sizes of the random tiny model (kind='tiny'); vocab_size comes from the tiny tokenizer.
+    c.tiny = ml_collections.ConfigDict()
+    c.tiny.hidden_size = 64
+    c.tiny.intermediate_size = 128
+    c.tiny.num_layers = 2
+    c.tiny.num_heads = 4
+    c.tiny.num_kv_heads = 2
+    c.tiny.head_dim = 16
+    c.tiny.max_position_embeddings = 8192
+    return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "synthetic"  # 'synthetic' (the synthetic clinic) | 'files' (the paths below)
+    c.paths = ()  # files to load when kind='files'; relative paths are relative to the repository root
+    c.format = ""  # '' = detect from content | 'mediq' | 'promed_medqa' | 'cmb'
+    c.initial_info = ""  # '' = the format's default (paper) | 'first_sentence' | 'half_facts'
+    c.on_error = "skip"  # a malformed record: 'skip' (counted and logged) | 'raise'
+    c.limit = 0  # keep only the first `limit` valid cases per file; 0 = all
+    c.synthetic_n = 64  # cases of the synthetic clinic
+    c.synthetic_seed = 0
+    return c
+
+
+def consult_config() -> ml_collections.ConfigDict:
+    """The consultation protocol (promed.md §1), shared by MCTS, RL rollouts and evaluation."""
+    c = ml_collections.ConfigDict()
+    c.max_questions = 10  # paper: the 11th doctor turn must answer
+    return c
+
+
+def patient_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "fact_select"  # 'fact_select' (offline, verbatim facts) | 'llm' (our model) | 'openai'
+    c.temperature = 0.7  # paper: the patient simulator samples at 0.7
+    c.max_tokens = 256
+    return c
+
+
+def backend_config() -> ml_collections.ConfigDict:
+    """An OpenAI-compatible chat server for the patient / understanding / judge roles (paper: Qwen2.5-72B)."""
+    c = ml_collections.ConfigDict()
+    c.base_url = "http://127.0.0.1:8000/v1"
+    c.model = "Qwen2.5-72B-Instruct"  # paper: patient and judge model
+    c.api_key_env = "OPENAI_API_KEY"  # the key is read from this environment variable, never stored
+    c.temperature = 0.7  # paper
+    c.timeout_s = 60.0
+    c.max_retries = 3
+    return c
+
+
+def shapley_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.estimator = "tmc"  # used above exact_max_n: 'tmc' (paper) | 'antithetic' | 'kernelshap'
+    c.exact_max_n = 10  # exact enumeration up to this many facts (our decision, promed.md §2)
+    c.min_permutations = 3  # paper: truncated Monte-Carlo, at least 3 permutations
+    c.max_permutations = 50  # paper: at most 50 permutations
+    c.truncation_tol = 0.01  # paper: a permutation stops once |v(prefix) - v(F)| < 0.01
+    c.convergence_tol = 0.01  # paper: sampling stops when the mean change of phi is < 0.01
+    c.kernelshap_samples = 256
+    c.tau = 2.0  # paper: w = softmax(phi / tau)
+    c.weighting = "shapley"  # 'shapley' (paper) | 'uniform' (ablation: no Shapley weighting)
+    c.sig_mode = "exact"  # 'exact' (facts revealed verbatim) | 'paper' (understanding LLM + judge)
+    c.batch_size = 64  # coalitions per forward
+    c.seed = 0
+    c.plot = False  # write a per-case bar chart of fact weights
+    return c
+
+
+def sampling_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.temperature = 0.7  # paper
+    c.top_p = 1.0
+    c.top_k = 0  # 0 = off
+    c.max_new_tokens = 256  # paper: new tokens per turn
+    c.repetition_penalty = 1.1  # paper
+    c.no_repeat_ngram_size = 3  # paper: no repeated 3-grams
+    c.max_dialogue_tokens = 8192  # paper: tokens per dialogue
+    c.seed = 0
+    return c
+
+
+def mcts_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.iterations = 5  # paper: the reference run used 5 iterations per case
+    c.c_uct = 2.2  # paper: UCT exploration constant
+    c.max_children = 8  # paper: at most 8 children per node
+    c.decay = 0.9  # paper: backup decay per level
+    c.temperature = 0.7  # paper: expansion samples at 0.7
+    c.correct_bonus = 2.0  # paper: optional +2 when the final answer is right
+    c.use_correct_bonus = True
+    c.min_reward = 0.0  # SFT keeps exported dialogues with reward above this ...
+    c.require_correct = True  # ... and a right final answer
+    return c
+
+
+def sft_config() -> ml_collections.ConfigDict:
+    """The paper's SFT settings are unknown (promed.md §3); these are ours."""
+    c = ml_collections.ConfigDict()
+    c.learning_rate = 1e-5
+    c.batch_size = 4
+    c.epochs = 2
+    c.max_tokens = 8192  # paper: tokens per dialogue
+    c.seed = 0
+    return c
+
+
+def grpo_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_generations = 4  # paper: G = 4 rollouts per case
+    c.batch_cases = 2  # cases per rollout batch
+    c.steps = 10
+    c.alpha = 2.0  # paper: question tokens get alpha * SIG_k ...
+    c.beta = 1.0  # paper: ... + beta * SIG_k * 1[correct]
+    c.gamma = 3.0  # paper: answer tokens get gamma * 1[correct]
+    c.format_reward_start = 1.0  # paper: the turn starts with `question:` / `answer:`
+    c.format_reward_contains = 0.5  # paper: the turn only contains the marker
+    c.clip_eps = 0.1  # paper: PPO-clip epsilon
+    c.kl_beta = 0.04  # paper
+    c.kl_estimator = "k3"  # paper
+    c.learning_rate = 5e-6  # paper
+    c.optimizer = "adam"  # paper
+    c.updates_per_batch = 1  # paper: one policy update per rollout batch
+    c.advantage = "token_mean"  # paper: reward - mean token reward of the group, no std normalisation
+    c.reward = "distributed"  # 'distributed' (paper) | 'trajectory' (ablation) | 'no_distribution' (ablation)
+    c.trajectory_correct_reward = 4.0  # paper (trajectory ablation): correctness 4
+    c.trajectory_sig_scale = 2.0  # paper (trajectory ablation): + 2 * sum_i w_i c_i(T)
+    c.loss_aggregation = "seq_mean_token_mean"  # paper: mean over doctor tokens per sequence, then sequences
+    c.seed = 0
+    return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.shape = (-1,)  # -1 takes all remaining devices
+    c.axis_names = ("data",)
+    return c
+
+
+def ckpt_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every_steps = 50
+    c.max_to_keep = 3
+    c.resume = True
+    return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.modes = ("reactive", "proactive", "full")  # promed.md §1: reactive baseline, protocol, upper bound
+    c.run = "default"  # results go to {workdir}/eval/<run>/<mode>.jsonl (promed.md §6)
+    c.batch_size = 8
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """All sections; `arg` picks a preset (see `apply_preset`). mode='data' prints the data statistics."""
+    c = ml_collections.ConfigDict()
+    c.mode = "data"  # 'data' | 'shapley' | 'mcts' | 'sft' | 'rl' | 'eval' | 'pipeline'
+    c.model = model_config()
+    c.data = data_config()
+    c.consult = consult_config()
+    c.patient = patient_config()
+    c.backend = backend_config()
+    c.shapley = shapley_config()
+    c.sampling = sampling_config()
+    c.mcts = mcts_config()
+    c.sft = sft_config()
+    c.grpo = grpo_config()
+    c.mesh = mesh_config()
+    c.ckpt = ckpt_config()
+    c.eval = eval_config()
+    apply_preset(c, arg)
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Sets model and data for a preset: tiny (CPU default), smollm, qwen7b, llama8b."""
+    preset = arg or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config preset {preset!r}; known: {', '.join(PRESETS)}")
+    if preset == "tiny":
+        c.model.kind = "tiny"
+        c.data.kind = "synthetic"
+        return c
+    c.data.kind = "files"
+    c.data.paths = (MEDQA_PATH,)
+    c.data.on_error = "skip"
+    if preset == "smollm":
+        c.model.kind = "gguf"
+        c.model.path = ""
+    else:
+        # paper: the doctor is Qwen2.5-7B-Instruct or Llama-3.1-8B-Instruct. Set model.path to the local
+        # folder of the checkpoint (the code never downloads), e.g. --config.model.path=/models/Qwen2.5-7B-Instruct
+        c.model.kind = "hf"
+        c.model.path = ""
+        c.model.dtype = "bfloat16"
+        c.model.param_dtype = "bfloat16"
+        c.model.remat = True
+    return c

@@ -1,0 +1,22 @@
+"""Evaluation: reactive, proactive and full-information modes (promed.md §1)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base
+
+EVAL_CASES = 50  # the first 50 valid MedQA cases for the real-model presets
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base.get_config(arg)
+    c.mode = "eval"
+    if c.data.kind == "files":
+        c.data.limit = EVAL_CASES
+    return c
+
+
+def sweep(add) -> None:
+    for max_questions in (0, 5, 10):
+        add(**{"consult.max_questions": max_questions})
