@@ -104,9 +104,15 @@ def doctor_prompt(
 
 
 def doctor_problem(*, language: str, initial_info: str, question: str, facts: Sequence[str] = ()) -> str:
-    """The `Problem:` text: initial information, any extra facts the doctor is given, then the atomic question."""
-    sep = "" if language == "zh" else " "
-    return sep.join(part.strip() for part in (initial_info, *facts, question) if part.strip())
+    """The `Problem:` text: initial information, any extra facts the doctor is given, then the atomic question.
+
+    Chinese facts are joined with "，" and closed with "。", as the CMB cases' initial information is.
+    """
+    facts = [f.strip() for f in facts if f.strip()]
+    if language == "zh":
+        fact_text = "，".join(f.rstrip("。，") for f in facts) + "。" if facts else ""
+        return "".join(part.strip() for part in (initial_info, fact_text, question) if part.strip())
+    return " ".join(part.strip() for part in (initial_info, *facts, question) if part.strip())
 
 
 # --- Patient simulator -----------------------------------------------------------------------------
