@@ -1,0 +1,225 @@
+"""Shapley estimators against exact enumeration on small non-additive numpy games."""
+
+import itertools
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from promed_jax import registry
+from promed_jax.shapley import estimators as est
+
+SAMPLED = ["permutation", "antithetic", "tmc", "kernel_shap"]
+
+
+def table_game(table: np.ndarray):
+    """v(S) = table[bitmask of S]: an arbitrary game over all 2^n coalitions."""
+    n = int(np.log2(table.size))
+    bits = 1 << np.arange(n)
+
+    def value_fn(coalitions):
+        return table[np.asarray(coalitions, dtype=np.int64) @ bits].astype(np.float32)
+
+    return value_fn
+
+
+def random_table(n: int, seed: int, *, null: int | None = None, swap: tuple[int, int] | None = None) -> np.ndarray:
+    """Random values for every coalition; optionally a null player and a symmetric pair."""
+    table = np.random.default_rng(seed).normal(size=2**n)
+    masks = np.arange(2**n)
+    if null is not None:
+        table = table[masks & ~(1 << null)]
+    if swap is not None:
+        i, j = swap
+        bi, bj = (masks >> i) & 1, (masks >> j) & 1
+        swapped = (masks & ~((1 << i) | (1 << j))) | (bi << j) | (bj << i)
+        table = (table + table[swapped]) / 2
+    return table
+
+
+def majority_table(weights, quota) -> np.ndarray:
+    n = len(weights)
+    return (est.all_coalitions(n) @ np.asarray(weights) >= quota).astype(np.float64)
+
+
+def monotone_table(n: int, seed: int) -> np.ndarray:
+    """Log-sigmoid of a positive weighted sum with pairwise synergy: increasing in S, like an LM's log-prob."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.2, 1.5, size=n)
+    pair = np.triu(rng.uniform(0.0, 0.4, size=(n, n)), 1)
+    z = est.all_coalitions(n).astype(float)
+    logits = z @ w + np.einsum("ki,ij,kj->k", z, pair, z) - 2.0
+    return -np.log1p(np.exp(-logits))
+
+
+def brute_force_shapley(table: np.ndarray) -> np.ndarray:
+    """The definition, term by term."""
+    n = int(np.log2(table.size))
+    phi = np.zeros(n)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        for size in range(n):
+            for subset in itertools.combinations(others, size):
+                mask = sum(1 << j for j in subset)
+                weight = math.factorial(size) * math.factorial(n - size - 1) / math.factorial(n)
+                phi[i] += weight * (table[mask | (1 << i)] - table[mask])
+    return phi
+
+
+def exact_phi(table: np.ndarray) -> np.ndarray:
+    return est.exact(table_game(table), int(np.log2(table.size)))[0]
+
+
+def test_registered_names():
+    assert set(registry.names(est.KIND)) >= {"exact", "permutation", "tmc", "antithetic", "kernel_shap"}
+
+
+def test_exact_matches_definition():
+    table = random_table(5, 0)
+    phi, n_evals = est.exact(table_game(table), 5)
+    np.testing.assert_allclose(phi, brute_force_shapley(table.astype(np.float32)), atol=1e-6)
+    assert n_evals == 32
+
+
+def test_exact_weighted_majority():
+    # Weights 3,1,1,1, quota 4: player 0 is a veto player, pivotal whenever it is not first in the order
+    # (3/4); the three small players share the rest.
+    phi = exact_phi(majority_table([3, 1, 1, 1], 4))
+    np.testing.assert_allclose(phi, [3 / 4, 1 / 12, 1 / 12, 1 / 12], atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["exact", *SAMPLED])
+@pytest.mark.parametrize("game", ["majority", "random"])
+def test_efficiency(name, game):
+    table = majority_table([4, 3, 2, 2, 1, 1], 7) if game == "majority" else random_table(6, 1)
+    phi, _ = registry.get(est.KIND, name)(table_game(table), 6, budget=60, key=3)
+    total = float(np.float32(table[-1]) - np.float32(table[0]))
+    # The truncated estimator stops a permutation within its tolerance of v(F).
+    tol = 0.01 if name == "tmc" else 1e-6
+    assert abs(phi.sum() - total) <= tol
+
+
+def test_symmetry_and_null_player_exact():
+    table = random_table(6, 2, null=5, swap=(1, 3))
+    phi = exact_phi(table)
+    assert phi[5] == pytest.approx(0.0, abs=1e-6)
+    assert phi[1] == pytest.approx(phi[3], abs=1e-6)
+    majority = exact_phi(majority_table([4, 3, 2, 2, 1, 1, 0], 7))
+    assert majority[6] == 0.0
+    assert majority[2] == pytest.approx(majority[3]) and majority[4] == pytest.approx(majority[5])
+
+
+@pytest.mark.parametrize("name", ["permutation", "antithetic", "tmc"])
+def test_null_player_sampled(name):
+    # Every marginal of a null player is zero, so permutation estimators give exactly 0.
+    phi, _ = registry.get(est.KIND, name)(table_game(random_table(6, 4, null=2)), 6, budget=40, key=0)
+    assert phi[2] == 0.0
+
+
+@pytest.mark.parametrize("name", ["permutation", "antithetic"])
+def test_unbiased_over_seeds(name):
+    table = random_table(6, 5)
+    exact = exact_phi(table)
+    fn = registry.get(est.KIND, name)
+    runs = np.stack([fn(table_game(table), 6, budget=12, key=seed)[0] for seed in range(400)])
+    se = runs.std(0, ddof=1) / np.sqrt(len(runs))
+    assert np.all(np.abs(runs.mean(0) - exact) <= 4 * se + 1e-9), (runs.mean(0), exact, se)
+    # And a single estimate is really noisy at this budget: the test can tell a biased estimator apart.
+    assert np.mean(np.abs(runs[0] - exact)) > 1e-3
+
+
+def test_kernel_shap_error_shrinks_with_budget():
+    table = random_table(8, 6)
+    exact = exact_phi(table)
+    errors = []
+    for budget in (16, 64, 256, 1024):
+        runs = [est.kernel_shap(table_game(table), 8, budget=budget, key=s)[0] for s in range(20)]
+        errors.append(np.mean([np.abs(phi - exact).sum() for phi in runs]))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0] / 4, errors
+
+
+def test_kernel_shap_gram_matches_sampling():
+    n = 6
+    p = est.kernel_size_distribution(n)
+    z = est.all_coalitions(n)[1:-1]
+    sizes = z.sum(1)
+    prob = p[sizes - 1] / np.array([math.comb(n, s) for s in sizes])
+    np.testing.assert_allclose((z.T * prob) @ z, est.kernel_shap_gram(n), atol=1e-12)
+
+
+def test_tmc_bias_within_tolerance():
+    # On a monotone game the truncated tail's marginals are all in [0, tol): each φ_i is biased
+    # downward by less than the truncation tolerance.
+    n, tol = 7, 0.01
+    table = monotone_table(n, 7)
+    exact = exact_phi(table)
+    runs = np.stack(
+        [
+            est.tmc(table_game(table), n, key=s, min_permutations=12, max_permutations=12, truncation_tol=tol)[0]
+            for s in range(300)
+        ]
+    )
+    bias = runs.mean(0) - exact
+    se = runs.std(0, ddof=1) / np.sqrt(len(runs))
+    assert np.all(bias >= -tol - 4 * se) and np.all(bias <= 4 * se), (bias, se)
+    # The truncation really happened (fewer evaluations than untruncated permutations would need).
+    _, n_evals = est.tmc(table_game(table), n, key=0, min_permutations=12, max_permutations=12)
+    _, n_full = est.tmc(table_game(table), n, key=0, min_permutations=12, max_permutations=12, truncation_tol=0.0)
+    assert n_evals < n_full
+
+
+def test_tmc_stopping_rules_and_batch_independence():
+    table = monotone_table(8, 8)
+    phis = [est.tmc(table_game(table), 8, key=1, batch_permutations=b)[0] for b in (1, 3, 16)]
+    for phi in phis[1:]:
+        np.testing.assert_array_equal(phi, phis[0])
+    _, n_evals = est.tmc(table_game(table), 8, key=1, batch_permutations=1)
+    assert 2 + 3 <= n_evals <= 2 + 50 * 7
+    # A budget caps the spending at a batch boundary.
+    _, capped = est.tmc(table_game(table), 8, key=1, convergence_tol=0.0, budget=30, batch_permutations=2)
+    assert capped < 30 + 2 * 7
+
+
+def test_memo_counts_distinct_and_forwards_only_new():
+    calls = []
+
+    def value_fn(coalitions):
+        calls.append(len(coalitions))
+        return coalitions.sum(1).astype(np.float32)
+
+    memo = est.MemoValue(value_fn, 4)
+    a = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(memo(a), [1, 1, 1])
+    np.testing.assert_array_equal(memo(np.array([[0, 1, 0, 0], [1, 1, 1, 1]], bool)), [1, 4])
+    assert calls == [2, 1] and memo.n_evals == 3
+    # Estimators report only what they added to a shared memo.
+    _, n_evals = est.exact(memo, 4)
+    assert n_evals == 16 - 3
+    with pytest.raises(ValueError, match="bool\\[K, 4\\]"):
+        memo(np.zeros((2, 3), bool))
+
+
+def test_keys():
+    table = random_table(5, 9)
+    a = est.permutation(table_game(table), 5, budget=20, key=jax.random.key(0))[0]
+    b = est.permutation(table_game(table), 5, budget=20, key=jax.random.PRNGKey(0))[0]
+    c = est.permutation(table_game(table), 5, budget=20, key=jax.random.key(1))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_one_player():
+    table = np.array([0.25, 1.0])
+    for name in ["exact", *SAMPLED]:
+        phi, _ = registry.get(est.KIND, name)(table_game(table), 1, budget=10, key=0)
+        np.testing.assert_allclose(phi, [0.75])
+
+
+def test_choose_estimator():
+    assert est.choose_estimator(10, exact_max_n=10, fallback="kernel_shap")[0] == "exact"
+    name, fn = est.choose_estimator(11, exact_max_n=10, fallback="kernel_shap")
+    assert name == "kernel_shap" and fn is est.kernel_shap
+    with pytest.raises(KeyError, match="known"):
+        est.choose_estimator(11, exact_max_n=10, fallback="nope")
