@@ -13,6 +13,49 @@ from collections.abc import Mapping, Sequence
 
 # --- SIG paper mode: understanding model and fact judge --------------------------------------------
 
+SIG_PROMPT_VERSION = "sig-v1"
+
+_UNDERSTANDING = {
+    "en": """You are a doctor's assistant. Below is what the doctor knew about the patient at the start and \
+the consultation so far. Write down everything that is now known about the patient as short factual \
+statements, one per line. Include only what is stated; do not guess or add diagnoses.
+
+Known at the start: {initial_info}
+
+Consultation:
+{dialogue}""",
+    "zh": """你是医生的助手。下面是医生一开始掌握的患者信息以及到目前为止的问诊记录。请把目前已知的患者信息逐条写成简短的事实陈述，\
+每行一条。只写明确提到的内容，不要猜测，也不要加入诊断。
+
+一开始已知：{initial_info}
+
+问诊记录：
+{dialogue}""",
+}
+_DIALOGUE_TURN = {"en": "Doctor: {question}\nPatient: {reply}", "zh": "医生：{question}\n患者：{reply}"}
+_NO_DIALOGUE = {"en": "(no questions yet)", "zh": "（尚未提问）"}
+
+# The paper's judge query: "Context: {U_t} Input: {fact} True or False?".
+_FACT_JUDGE = {
+    "en": """Context: {understanding}
+Input: {fact}
+True or False? Answer True if the context states the input, otherwise False. Reply with one word.""",
+    "zh": """Context: {understanding}
+Input: {fact}
+True or False? 如果上下文明确包含该输入信息，回答 True，否则回答 False。只回答一个词。""",
+}
+
+
+def understanding_prompt(*, language: str, initial_info: str, turns: Sequence[tuple[str, str]]) -> str:
+    """The understanding model's prompt U_t: initial information and the (question, reply) pairs so far."""
+    dialogue = "\n".join(_DIALOGUE_TURN[language].format(question=q, reply=r) for q, r in turns)
+    return _UNDERSTANDING[language].format(initial_info=initial_info, dialogue=dialogue or _NO_DIALOGUE[language])
+
+
+def fact_judge_prompt(*, language: str, understanding: str, fact: str) -> str:
+    """The True/False judge: does the understanding text U_t contain this fact?"""
+    return _FACT_JUDGE[language].format(understanding=understanding, fact=fact)
+
 # --- Doctor (promed.md §1) ------------------------------------------------------------------------
 
 DOCTOR_PROMPT_VERSION = "doctor-v1"
