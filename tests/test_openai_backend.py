@@ -1,0 +1,163 @@
+"""The OpenAI-compatible backend against a stub HTTP server on 127.0.0.1: retries, timeouts, garbage replies."""
+
+import http.server
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from promed_jax.backends.base import BackendError
+from promed_jax.backends.openai import OpenAIBackend
+
+KEY = "sk-test-SECRET-1234"
+
+
+class _Stub:
+    """Serves a script of behaviours, one per request: 'ok', 'slow', 'http500', 'http429', 'http400',
+    'garbage', 'no_choices', 'null_content'; after the script runs out it keeps answering 'ok'."""
+
+    def __init__(self):
+        self.script: list[str] = []
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub.lock:
+                    stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                    action = stub.script.pop(0) if stub.script else "ok"
+                if action == "slow":
+                    time.sleep(1.0)
+                    action = "ok"
+                if action.startswith("http"):
+                    self.send_response(int(action[4:]))
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "boom"}')
+                    return
+                last = body["messages"][-1]["content"]
+                payload = {
+                    "ok": json.dumps({"choices": [{"message": {"role": "assistant", "content": f"echo: {last}"}}]}),
+                    "garbage": "<html>not json",
+                    "no_choices": json.dumps({"object": "error"}),
+                    "null_content": json.dumps({"choices": [{"message": {"content": None}}]}),
+                }[action]
+                data = payload.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out first
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture(scope="module")
+def stub():
+    s = _Stub()
+    yield s
+    s.server.shutdown()
+    s.server.server_close()
+
+
+@pytest.fixture
+def server(stub):
+    stub.script.clear()
+    stub.requests.clear()
+    return stub
+
+
+def _backend(server, **kw):
+    kw = {"timeout_s": 0.5, "max_retries": 2, "backoff_s": 0.01, "api_key_env": "PROMED_TEST_KEY", **kw}
+    return OpenAIBackend(base_url=server.base_url, model="stub-model", **kw)
+
+
+CONV = [{"role": "system", "content": "be a patient"}, {"role": "user", "content": "Do you smoke?"}]
+
+
+def test_ok_reply_request_shape_and_key(server, monkeypatch):
+    monkeypatch.setenv("PROMED_TEST_KEY", KEY)
+    out = _backend(server).chat([CONV], max_tokens=17, temperature=0.7, stop=["\n"])
+    assert out == ["echo: Do you smoke?"]
+    (req,) = server.requests
+    assert req["path"] == "/v1/chat/completions"
+    assert req["auth"] == f"Bearer {KEY}"
+    assert req["body"] == {"model": "stub-model", "messages": CONV, "max_tokens": 17, "temperature": 0.7, "stop": ["\n"]}
+
+
+def test_no_key_sends_no_header(server, monkeypatch):
+    monkeypatch.delenv("PROMED_TEST_KEY", raising=False)
+    _backend(server).chat([CONV])
+    assert server.requests[0]["auth"] is None
+
+
+def test_batch_keeps_order(server):
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(12)]
+    assert _backend(server, concurrency=4).chat(convs) == [f"echo: q{i}" for i in range(12)]
+
+
+@pytest.mark.parametrize("failure", ["http500", "http429", "garbage", "no_choices", "null_content", "slow"])
+def test_transient_failure_is_retried(server, failure):
+    server.script[:] = [failure, failure]
+    assert _backend(server).chat([CONV]) == ["echo: Do you smoke?"]
+    assert len(server.requests) == 3
+
+
+def test_backoff_doubles(server, monkeypatch):
+    waits = []
+    monkeypatch.setattr("promed_jax.backends.openai.time.sleep", waits.append)
+    server.script[:] = ["http503"] * 3
+    _backend(server, max_retries=3, backoff_s=0.5).chat([CONV])
+    assert waits == [0.5, 1.0, 2.0]
+
+
+def test_retries_exhausted_raise_clear_error_without_key(server, monkeypatch, caplog):
+    monkeypatch.setenv("PROMED_TEST_KEY", KEY)
+    server.script[:] = ["garbage"] * 5
+    with caplog.at_level(logging.DEBUG), pytest.raises(BackendError) as err:
+        _backend(server).chat([CONV])
+    msg = str(err.value)
+    assert "giving up after 3 tries" in msg and "malformed reply" in msg and server.base_url in msg
+    assert len(server.requests) == 3
+    assert KEY not in msg and KEY not in caplog.text and KEY not in repr(_backend(server))
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+
+
+def test_timeout_every_time(server):
+    server.script[:] = ["slow"] * 3
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="giving up after 2 tries"):
+        _backend(server, timeout_s=0.2, max_retries=1).chat([CONV])
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_client_error_is_not_retried(server):
+    server.script[:] = ["http400"]
+    with pytest.raises(BackendError, match="HTTP 400"):
+        _backend(server).chat([CONV])
+    assert len(server.requests) == 1
+
+
+def test_server_down():
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff_s=0.01)
+    with pytest.raises(BackendError, match="cannot reach the server"):
+        backend.chat([CONV])
