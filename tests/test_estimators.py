@@ -136,7 +136,7 @@ def test_kernel_shap_error_shrinks_with_budget():
     for budget in (16, 64, 256, 1024):
         runs = [est.kernel_shap(table_game(table), 8, budget=budget, key=s)[0] for s in range(20)]
         errors.append(np.mean([np.abs(phi - exact).sum() for phi in runs]))
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < errors[0] / 4, errors
 
 
