@@ -1,0 +1,363 @@
+"""One NNX decoder for the Llama and Qwen2 families, with explicit positions and token-level masks.
+
+Call: `model(tokens [B, T], positions [B, T], mask [B, T, S], cache=None, cache_index=None, use_lora=True)
+-> (logits float32 [B, T, V], cache)`. The Shapley stage masks fact spans out of one sequence, so the mask is
+any token-level mask, not only causal+padding.
+
+Layout: every kernel is stored `[in, out]` (q: `[D, H, hd]`, o: `[H, hd, D]`, gate/up: `[D, F]`, down:
+`[F, D]`) because XLA:CPU streams `x @ W` with that layout much faster than a transposed product, and decode
+at batch 1 is bound by reading the weights. For a tied embedding `[V, D]` the logits would be the transposed
+product `h @ E.T`; `Transformer.materialize_head()` stores a `[D, V]` copy for inference (sampling, scoring)
+while training keeps using the tied embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from promed_jax.models.config import ModelConfig
+from promed_jax.models.lora import LoRA
+
+Axes = tuple[str | None, ...]
+
+
+class InferenceHead(nnx.Variable):
+    """A materialized `[D, V]` copy of a tied embedding, for inference only (not an `nnx.Param`: optimizers
+    built with `wrt=nnx.Param` ignore it)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values, each `[B, S, kv_heads, head_dim]` (S cache slots)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def size(self) -> int:
+        return self.k[0].shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: jnp.dtype | None = None) -> KVCache:
+    """An all-zero cache of `size` slots per row."""
+    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """bool [B, T] (False = padding) -> bool [B, T, T]: query i attends valid keys j <= i."""
+    t = valid.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return causal[None] & valid[:, None, :] & valid[:, :, None]
+
+
+def positions_from_mask(valid: jax.Array) -> jax.Array:
+    """bool [B, T] -> int32 [B, T]: the index of each kept token among the kept tokens (left padding gets -1,
+    clipped to 0; those positions are never attended)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _param(value: jax.Array, axes: Axes) -> nnx.Param:
+    # Logical axis names only; `promed_jax.sharding` maps them to mesh axes, so no eager placement here.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """float32 [head_dim / 2] rotary inverse frequencies, with Llama-3.1 scaling when configured."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    inv_freq = (1.0 / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int [B, T] -> (cos, sin), each float32 [B, T, 1, head_dim / 2] (broadcast over heads)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, hd] rotated in the half-split (not interleaved) convention of Hugging Face checkpoints."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.scale = _param(jnp.ones((cfg.hidden_size,), cfg.weight_dtype), ("embed",))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Projection(nnx.Module):
+    """`x [..., *in] -> [..., *out]` with kernel `[*in, *out]`, optional bias `[*out]` and LoRA adapter."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        name: str,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_axes: Axes,
+        out_axes: Axes,
+        *,
+        bias: bool,
+        rngs: nnx.Rngs,
+    ):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        fan_in = int(np.prod(in_shape))
+        init = jax.nn.initializers.normal(stddev=fan_in**-0.5)
+        self.kernel = _param(
+            init(rngs.params(), (*in_shape, *out_shape), cfg.weight_dtype),
+            (*in_axes, *out_axes),
+        )
+        self.bias = _param(jnp.zeros(out_shape, cfg.weight_dtype), out_axes) if bias else None
+        self.n_in = len(in_shape)
+        self.dtype = cfg.compute_dtype
+        self.lora = (
+            LoRA(
+                in_shape,
+                out_shape,
+                rank=cfg.lora_rank,
+                scale=cfg.lora_scale,
+                dropout=cfg.lora_dropout,
+                in_axes=in_axes,
+                out_axes=out_axes,
+                param_dtype=cfg.weight_dtype,
+                rngs=rngs,
+            )
+            if cfg.lora_rank and name in cfg.lora_targets
+            else None
+        )
+
+    def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if use_lora and self.lora is not None:
+            y = y + self.lora(x)
+        return y
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias
+        self.q_proj = Projection(
+            cfg,
+            "q_proj",
+            (d,),
+            (h, hd),
+            ("embed",),
+            ("heads", None),
+            bias=qkv_bias,
+            rngs=rngs,
+        )
+        self.k_proj = Projection(
+            cfg,
+            "k_proj",
+            (d,),
+            (kv, hd),
+            ("embed",),
+            ("kv_heads", None),
+            bias=qkv_bias,
+            rngs=rngs,
+        )
+        self.v_proj = Projection(
+            cfg,
+            "v_proj",
+            (d,),
+            (kv, hd),
+            ("embed",),
+            ("kv_heads", None),
+            bias=qkv_bias,
+            rngs=rngs,
+        )
+        self.o_proj = Projection(
+            cfg,
+            "o_proj",
+            (h, hd),
+            (d,),
+            ("heads", None),
+            ("embed",),
+            bias=cfg.attention_out_bias,
+            rngs=rngs,
+        )
+        self.groups = h // kv
+        self.scale = hd**-0.5
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv_cache: tuple[jax.Array, jax.Array] | None,
+        cache_index: jax.Array | None,
+        use_lora: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        q = apply_rope(self.q_proj(x, use_lora), cos, sin)  # [B, T, H, hd]
+        k = apply_rope(self.k_proj(x, use_lora), cos, sin)  # [B, T, KV, hd]
+        v = self.v_proj(x, use_lora)
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            kv_cache = (k, v)
+        b, t, h, hd = q.shape
+        q = q.reshape(b, t, h // self.groups, self.groups, hd)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts",
+            q,
+            k.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        scores = jnp.where(mask[:, None, None, :, :], scores * self.scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
+        return self.o_proj(out, use_lora), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Projection(cfg, "gate_proj", (d,), (f,), ("embed",), ("mlp",), bias=False, rngs=rngs)
+        self.up_proj = Projection(cfg, "up_proj", (d,), (f,), ("embed",), ("mlp",), bias=False, rngs=rngs)
+        self.down_proj = Projection(cfg, "down_proj", (f,), (d,), ("mlp",), ("embed",), bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array, use_lora: bool) -> jax.Array:
+        return self.down_proj(
+            jax.nn.silu(self.gate_proj(x, use_lora)) * self.up_proj(x, use_lora),
+            use_lora,
+        )
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache, cache_index, use_lora: bool):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index, use_lora)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x), use_lora), kv_cache
+
+
+class Transformer(nnx.Module):
+    """The decoder. Parameter names follow Hugging Face's (`layers[i].self_attn.q_proj.kernel`, ...), which
+    keeps the checkpoint key maps short."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        d = cfg.hidden_size
+        embed_init = jax.nn.initializers.normal(stddev=d**-0.5)
+        self.embed = _param(
+            embed_init(rngs.params(), (cfg.vocab_size, d), cfg.weight_dtype),
+            ("vocab", "embed"),
+        )
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg)
+        head_init = jax.nn.initializers.normal(stddev=d**-0.5)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else _param(
+                head_init(rngs.params(), (d, cfg.vocab_size), cfg.weight_dtype),
+                ("embed", "vocab"),
+            )
+        )
+        self.inference_head = nnx.data(None)
+
+    def materialize_head(self) -> None:
+        """For a tied embedding, store a `[D, V]` copy used by the forward (fast logits at inference).
+
+        Call it once after loading or training, before sampling or scoring; never during training (the copy
+        is not tied: gradients would not reach the embedding through it). No-op for an untied head.
+        """
+        if self.config.tie_word_embeddings:
+            self.inference_head = nnx.data(
+                InferenceHead(
+                    jnp.asarray(self.embed[...]).T.copy(),
+                    out_sharding=("embed", "vocab"),
+                    eager_sharding=False,
+                )
+            )
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection `[D, V]`: the materialized copy, the separate head, or the tied embedding."""
+        if self.inference_head is not None:
+            return self.inference_head[...]
+        if self.lm_head is not None:
+            return self.lm_head[...]
+        return self.embed[...].T
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
+        use_lora: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """tokens int32 [B, T], positions int32 [B, T], mask bool [B, T, S] -> (logits float32 [B, T, V], cache).
+
+        Without a cache S == T. With a cache of S slots the new keys/values go to slots
+        `[cache_index, cache_index + T)` of every row and the queries attend all S slots under `mask`.
+        """
+        cfg = self.config
+        if (cache is None) != (cache_index is None):
+            raise ValueError("pass cache and cache_index together")
+        expected_s = tokens.shape[1] if cache is None else cache.size
+        if mask.shape != (*tokens.shape, expected_s) or positions.shape != tokens.shape:
+            raise ValueError(
+                f"tokens {tokens.shape}, positions {positions.shape}, mask {mask.shape}: expected positions "
+                f"[B, T] and mask [B, T, {expected_s}]"
+            )
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        cos, sin = rope_tables(cfg, positions)
+
+        def step(block: Block, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None):
+            return block(x, cos, sin, mask, layer_cache, cache_index, use_lora)
+
+        if cfg.remat:
+            step = nnx.remat(step)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_cache = step(block, x, layer_cache)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        x = self.norm(x)
+        logits = jnp.dot(x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
