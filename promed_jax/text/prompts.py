@@ -11,6 +11,34 @@ from collections.abc import Mapping, Sequence
 
 # --- Shapley value game (promed.md §2) -------------------------------------------------------------
 
+# Recorded in every Shapley cache line: a change to these pieces changes v, so old caches are not comparable.
+SHAPLEY_PROMPT_VERSION = "shapley-v1"
+
+_VALUE_HEADER = {
+    "en": "You are a professional doctor with extensive medical knowledge. Please use your professional medical "
+    "knowledge to directly give the correct answer:\n\nPatient information:",
+    "zh": "你是一名专业的医生，具备丰富的医疗知识。请根据以下患者信息直接给出正确答案：\n\n患者信息：",
+}
+_VALUE_QUESTION = {"en": "\n\nQuestion: {question}\nanswer:", "zh": "\n\n问题：{question}\n答案："}
+
+
+def shapley_value_pieces(
+    *, language: str, facts: Sequence[str], question: str, answer: str
+) -> tuple[str, tuple[str, ...], str, str]:
+    """The raw value prompt of promed.md §2 as separately tokenized pieces: (header, facts, question, answer).
+
+    Each fact piece carries its own separator (a leading space in English, a closing "。" in Chinese), so
+    that a coalition's prompt is the header, the pieces of its facts in their original order, the question
+    and the gold answer text, concatenated; the empty coalition leaves the patient-information field empty.
+    """
+    if language == "zh":
+        fact_pieces = tuple(f.strip().rstrip("。，；;,.") + "。" for f in facts)
+        answer_piece = answer
+    else:
+        fact_pieces = tuple(" " + f.strip() for f in facts)
+        answer_piece = " " + answer
+    return _VALUE_HEADER[language], fact_pieces, _VALUE_QUESTION[language].format(question=question), answer_piece
+
 # --- SIG paper mode: understanding model and fact judge --------------------------------------------
 
 SIG_PROMPT_VERSION = "sig-v1"
