@@ -7,7 +7,8 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, Self
 
 
 @contextlib.contextmanager
@@ -20,18 +21,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     tmp_path = pathlib.Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file private (0600); give the result the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -48,7 +56,9 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        if _has_torn_tail(self.path):
+            resume_jsonl(self.path)  # appending after a torn line would glue the next record onto it
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open across writes; closed by close())
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -58,11 +68,19 @@ class JsonlWriter:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _has_torn_tail(path: pathlib.Path) -> bool:
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def resume_jsonl(path: str | os.PathLike) -> list[dict]:

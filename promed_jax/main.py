@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from promed_jax.data.cases import CaseError
+
 # Stage files import `configs.base`; the configs folder sits beside the package in the repository.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -29,6 +31,7 @@ STAGES: dict[str, str] = {
 }
 LATER = {"mcts": "MCTS (stage 1)", "sft": "SFT (stage 1)", "rl": "SIG-augmented policy optimisation (stage 2)"}
 PIPELINE = ("data", "shapley", "mcts", "sft", "rl", "eval")
+EXIT_BAD_INPUT = 1
 EXIT_NOT_BUILT = 2
 
 
@@ -54,14 +57,16 @@ def resolve_stage(mode: str):
 
 
 def run_pipeline(config, workdir: str) -> list[str]:
-    """Runs the data statistics and lists the stages that cannot run yet; returns those stages."""
-    resolve_stage("data")(config, workdir)
+    """Runs the stages that exist, in ProMed's order, and names those still missing; returns the missing ones."""
     missing = []
-    for mode in PIPELINE[1:]:
+    for mode in PIPELINE:
         try:
-            resolve_stage(mode)
+            stage = resolve_stage(mode)
         except StageMissing:
             missing.append(mode)
+            continue
+        logging.info("pipeline: stage %s", mode)
+        stage(config, workdir)
     if missing:
         print(f"pipeline: stages still missing: {', '.join(missing)}")
     return missing
@@ -76,14 +81,18 @@ def main(argv: list[str]) -> int:
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     logging.info("config:\n%s", config)
     if config.mode == "pipeline":
-        run_pipeline(config, _WORKDIR.value)
-        return 0
+        stage = run_pipeline
+    else:
+        try:
+            stage = resolve_stage(config.mode)
+        except (StageMissing, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NOT_BUILT
     try:
-        stage = resolve_stage(config.mode)
-    except (StageMissing, ValueError) as e:
-        print(e, file=sys.stderr)
-        return EXIT_NOT_BUILT
-    stage(config, _WORKDIR.value)
+        stage(config, _WORKDIR.value)
+    except (CaseError, FileNotFoundError) as e:  # bad input data: the message names file, record and field
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
