@@ -58,8 +58,8 @@ class Patient(Protocol):
 
 # --- lexical retrieval ------------------------------------------------------------------------------
 
-# Function words and words every case's facts share ("patient", "reports"), which say nothing about which
-# fact a question is after.
+# Function words, question framing ("is it true that", "whether") and words every case's facts share
+# ("patient"), which say nothing about which fact a question is after.
 _STOP_EN_WORDS = """
     a about above after again against all am an and any are as at be because been before being below between
     both but by can could did do does doing down during each few for from further had has have having he her
@@ -69,30 +69,30 @@ _STOP_EN_WORDS = """
     who whom why will with would you your yours yourself yourselves ever any anything else also
     patient patients tell describe please experience experienced experiencing notice noticed feel feeling
     know like may might much many recently recent currently current any kind sort type have had get got
-    there s t ve ll d re m
+    there s t ve ll d re m true false whether say says said
     """
 _STOP_EN = frozenset(_STOP_EN_WORDS.split())
-_STOP_ZH_WORDS = "患者 是否 有没 没有 什么 怎么 如何 请问 你的 您的 你有 您有 有无 情况 一下 最近 目前 现在 吗 呢"
+_STOP_ZH_WORDS = "患者 情况 一下 最近 目前 现在"
 _STOP_ZH = frozenset(_STOP_ZH_WORDS.split())
+# Chinese function characters: a bigram holding one straddles a word boundary ("有发" in "有发热") or is a
+# question frame ("是否"), so it is dropped from both questions and facts.
+_STOP_ZH_CHARS = frozenset("你您我他她的了吗呢吧啊是否有没无么什怎请问和及或在")
 _WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
 _CJK_RUN = re.compile(r"[\u4e00-\u9fff]+")
 
 
 def _stem(word: str) -> str:
-    """Light suffix stripping so that `fevers`/`fever`, `vomiting`/`vomited`, `tenderness`/`tender` meet."""
-    for suffix, repl, min_len in (
-        ("iness", "y", 6),
-        ("ness", "", 6),
-        ("ies", "y", 5),
-        ("sses", "ss", 5),
-        ("ing", "", 6),
-        ("ed", "", 5),
-        ("ly", "", 5),
-        ("es", "", 5),
-        ("s", "", 4),
-    ):
-        if len(word) >= min_len and word.endswith(suffix) and not word.endswith(("ss", "us", "is")):
-            return word[: -len(suffix)] + repl
+    """Light suffix stripping so that `fevers`/`fever`, `wheezes`/`wheeze`, `vomiting`/`vomited` meet."""
+    if len(word) > 4 and word.endswith("ies"):
+        word = word[:-3] + "y"
+    elif len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    for suffix in ("ness", "ing", "ed", "ly"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            break
+    if len(word) > 3 and word.endswith("e"):
+        word = word[:-1]
     return word
 
 
@@ -101,7 +101,8 @@ def content_words(text: str) -> frozenset[str]:
     low = text.lower()
     words = {_stem(w) for w in _WORD.findall(low) if w not in _STOP_EN}
     for run in _CJK_RUN.findall(low):
-        words.update(b for b in (run[i : i + 2] for i in range(len(run) - 1)) if b not in _STOP_ZH)
+        bigrams = (run[i : i + 2] for i in range(len(run) - 1))
+        words.update(b for b in bigrams if b not in _STOP_ZH and not (set(b) & _STOP_ZH_CHARS))
         if len(run) == 1:
             words.add(run)
     words.discard("")
