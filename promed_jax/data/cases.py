@@ -94,10 +94,14 @@ class LoadResult:
 
 @dataclasses.dataclass(frozen=True)
 class _Record:
-    """A raw record and where it came from (`where` is e.g. "line 225" or "record #17")."""
+    """A raw record and where it came from (`where` is e.g. "line 225" or "record #17").
+
+    `error` is set instead of `data` for a JSON line that could not be read at all.
+    """
 
     data: Any
     where: str
+    error: str = ""
 
 
 class _RecordError(Exception):
@@ -293,7 +297,7 @@ def _decode(raw: bytes, where: str) -> str:
         raise CaseError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
-def _read_records(path: pathlib.Path, on_error: str, errors: list[str]) -> list[_Record]:
+def _read_records(path: pathlib.Path) -> list[_Record]:
     """Records of a JSON array file or a JSON-lines file (the container is detected by content).
 
     In a JSON-lines file a bad line (broken JSON, a torn last line, non-UTF-8 bytes) is one record's error;
@@ -319,15 +323,14 @@ def _read_records(path: pathlib.Path, on_error: str, errors: list[str]) -> list[
         where = f"{name} line {lineno}"
         try:
             text = _decode(raw, where)
-            try:
-                records.append(_Record(json.loads(text), f"line {lineno}"))
-            except json.JSONDecodeError as e:
-                torn = " (torn last line)" if lineno == len(lines) else ""
-                raise CaseError(f"{where}: broken JSON{torn}: {e.msg} at column {e.colno}") from None
         except CaseError as e:
-            if on_error == "raise":
-                raise
-            errors.append(str(e))
+            records.append(_Record(None, f"line {lineno}", str(e)))
+            continue
+        try:
+            records.append(_Record(json.loads(text), f"line {lineno}"))
+        except json.JSONDecodeError as e:
+            torn = " (torn last line)" if lineno == len(lines) else ""
+            records.append(_Record(None, f"line {lineno}", f"{where}: broken JSON{torn}: {e.msg} at column {e.colno}"))
     return records
 
 
@@ -360,20 +363,27 @@ def read_cases(
     if not path.is_file():
         raise FileNotFoundError(f"case file not found: {path}")
     errors: list[str] = []
-    records = _read_records(path, on_error, errors)
+    records = _read_records(path)
     if fmt is None:
-        if not records:
-            raise CaseError(f"{path.name}: no records, cannot detect the format")
+        readable = [record for record in records if not record.error]
+        if not readable:
+            first_error = f" ({records[0].error})" if records else ""
+            raise CaseError(f"{path.name}: no readable records, cannot detect the format{first_error}")
         try:
-            fmt = detect_format(records[0].data)
+            fmt = detect_format(readable[0].data)
         except (TypeError, ValueError) as e:
-            raise CaseError(f"{path.name} {records[0].where}: {e}") from None
+            raise CaseError(f"{path.name} {readable[0].where}: {e}") from None
     policy = initial_info or DEFAULT_INITIAL_INFO[fmt]
     source = source or DEFAULT_SOURCE[fmt]
     cases: list[Case] = []
     first_seen: dict[str, str] = {}
     dropped = records_dropped = dropped_facts = 0
     for record in records:
+        if record.error:
+            if on_error == "raise":
+                raise CaseError(record.error)
+            errors.append(record.error)
+            continue
         shown_id = record.data.get("id") if isinstance(record.data, dict) else None
         label = f"{path.name} {record.where}" + (f" (id {shown_id})" if shown_id is not None else "")
         try:
