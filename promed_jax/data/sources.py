@@ -15,7 +15,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 def resolve_path(path: str) -> pathlib.Path:
     """An absolute path as is; a relative one against the repository root (configs use ../shared/data/...)."""
     p = pathlib.Path(path).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
 
 
 def load_from_config(data: Mapping[str, Any]) -> list[LoadResult]:
