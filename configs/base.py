@@ -65,6 +65,10 @@ def patient_config() -> ml_collections.ConfigDict:
     c.kind = "fact_select"  # 'fact_select' (offline, verbatim facts) | 'llm' (our model) | 'openai'
     c.temperature = 0.7  # paper: the patient simulator samples at 0.7
     c.max_tokens = 256
+    # fact_select: a fact answers a question when it holds this IDF-weighted share of the question's content
+    # words; at most max_facts facts are returned, best first.
+    c.threshold = 0.5
+    c.max_facts = 2
     return c
 
 
@@ -180,7 +184,13 @@ def eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.modes = ("reactive", "proactive", "full")  # promed.md §1: reactive baseline, protocol, upper bound
     c.run = "default"  # results go to {workdir}/eval/<run>/<mode>.jsonl (promed.md §6)
-    c.batch_size = 8
+    c.batch_size = 8  # cases consulted together (their live dialogues share each sampler call)
+    # The doctor under evaluation: greedy and without penalties, so a re-run reproduces a run.
+    c.temperature = 0.0
+    c.max_new_tokens = 256  # per doctor turn
+    c.repetition_penalty = 1.0
+    c.no_repeat_ngram_size = 0
+    c.seed = 0
     return c
 
 
