@@ -39,34 +39,59 @@ class StageMissing(Exception):
     """A stage whose module is not written yet."""
 
 
+class UnknownMode(ValueError):
+    """config.mode names no stage."""
+
+
 def resolve_stage(mode: str):
     """Imports `run` for a mode; raises StageMissing when the stage does not exist yet."""
     if mode in LATER:
         raise StageMissing(f"mode {mode!r}: {LATER[mode]} is not built yet (later issue)")
     if mode not in STAGES:
         known = ", ".join((*STAGES, *LATER, "pipeline"))
-        raise ValueError(f"unknown config.mode {mode!r}; known: {known}")
+        raise UnknownMode(f"unknown config.mode {mode!r}; known: {known}")
     module_name, fn_name = STAGES[mode].split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise StageMissing(f"mode {mode!r}: module {module_name} is not built yet (later issue)") from None
+        if _is_ours(e):
+            raise StageMissing(f"mode {mode!r}: {_unbuilt(e, module_name)}") from None
         raise
     return getattr(module, fn_name)
+
+
+def _is_ours(error: ModuleNotFoundError) -> bool:
+    """Whether the missing module is part of promed_jax (a stage not built yet), not an uninstalled package."""
+    return bool(error.name) and (error.name == "promed_jax" or error.name.startswith("promed_jax."))
+
+
+def _unbuilt(error: ModuleNotFoundError, module_name: str) -> str:
+    if module_name.startswith(error.name):
+        return f"module {module_name} is not built yet (later issue)"
+    return f"needs {error.name}, which is not built yet (later issue)"
+
+
+def run_stage(mode: str, config, workdir: str) -> None:
+    """Runs one stage; a promed_jax module it needs that is not written yet raises StageMissing."""
+    stage = resolve_stage(mode)
+    try:
+        stage(config, workdir)
+    except ModuleNotFoundError as e:
+        if _is_ours(e):
+            raise StageMissing(f"mode {mode!r}: {_unbuilt(e, STAGES[mode])}") from None
+        raise
 
 
 def run_pipeline(config, workdir: str) -> list[str]:
     """Runs the stages that exist, in ProMed's order, and names those still missing; returns the missing ones."""
     missing = []
     for mode in PIPELINE:
-        try:
-            stage = resolve_stage(mode)
-        except StageMissing:
-            missing.append(mode)
-            continue
         logging.info("pipeline: stage %s", mode)
-        stage(config, workdir)
+        try:
+            run_stage(mode, config, workdir)
+        except StageMissing as e:
+            logging.info("pipeline: %s", e)
+            missing.append(mode)
     if missing:
         print(f"pipeline: stages still missing: {', '.join(missing)}")
     return missing
@@ -80,16 +105,14 @@ def main(argv: list[str]) -> int:
     config = _CONFIG.value
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     logging.info("config:\n%s", config)
-    if config.mode == "pipeline":
-        stage = run_pipeline
-    else:
-        try:
-            stage = resolve_stage(config.mode)
-        except (StageMissing, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_NOT_BUILT
     try:
-        stage(config, _WORKDIR.value)
+        if config.mode == "pipeline":
+            run_pipeline(config, _WORKDIR.value)
+        else:
+            run_stage(config.mode, config, _WORKDIR.value)
+    except (StageMissing, UnknownMode) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NOT_BUILT
     except (CaseError, FileNotFoundError) as e:  # bad input data: the message names file, record and field
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
