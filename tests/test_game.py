@@ -1,0 +1,175 @@
+"""The batched coalition game: batched == separately built prompts, prefix reuse == no reuse, sharded."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from promed_jax import assets
+from promed_jax.data.cases import Case, load_cases
+from promed_jax.models.config import ModelConfig
+from promed_jax.models.transformer import Transformer, causal_mask
+from promed_jax.shapley import estimators as est
+from promed_jax.shapley import game as game_lib
+from promed_jax.sharding import make_mesh
+from promed_jax.text import prompts
+from promed_jax.text.tokenizer import build_tiny_tokenizer
+
+EN_CASE = Case(
+    id="test:en",
+    source="test",
+    language="en",
+    initial_info="A 45 year old man comes with chest pain.",
+    question="What is the most likely diagnosis?",
+    options={"A": "myocardial infarction", "B": "pneumonia", "C": "asthma"},
+    answer=("A",),
+    facts=(
+        "The patient is a 45 year old man.",
+        "The pain started two hours ago.",
+        "The pain goes to his left arm.",
+        "He feels short of breath.",
+        "His father had a heart attack.",
+    ),
+)
+ZH_CASE = Case(
+    id="test:zh",
+    source="test",
+    language="zh",
+    initial_info="患者男，45岁。",
+    question="最可能的诊断是",
+    options={"A": "心肌梗死", "B": "肺炎", "C": "哮喘"},
+    answer=("A", "C"),
+    facts=("患者男，45岁", "胸痛2小时。", "疼痛放射至左臂"),
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    model = Transformer(ModelConfig.tiny(vocab_size=len(tokenizer)), rngs=nnx.Rngs(0))
+    # Sharpen the random model so that coalition values differ by far more than the tolerances below.
+    graphdef, params = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 2.0, params))
+
+
+@pytest.fixture(scope="module")
+def game(model, tokenizer):
+    return game_lib.CoalitionGame(model, tokenizer, batch_size=16)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(graphdef, params, tokens, valid):
+    """[1, T] right-padded prompt -> log-softmax [T, V] (padding after a token cannot change it)."""
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    logits, _ = nnx.merge(graphdef, params)(tokens, positions, causal_mask(valid), use_lora=False)
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+
+def separate_value(model, prompt: game_lib.ValuePrompt, coalition) -> float:
+    """v(S) from the coalition's own prompt, built and scored alone at batch 1 (the definition)."""
+    ids, start = game_lib.coalition_ids(prompt, coalition)
+    slots = game_lib.length_bucket(ids.size, minimum=128)  # one compilation for many prompt lengths
+    tokens = np.zeros((1, slots), np.int32)
+    tokens[0, : ids.size] = ids
+    graphdef, params = nnx.split(model)
+    logp = np.asarray(_log_probs(graphdef, params, tokens, np.arange(slots)[None] < ids.size))
+    return float(np.mean(logp[np.arange(start - 1, ids.size - 1), ids[start:]]))
+
+
+def test_pieces_drop_exactly_a_facts_tokens(tokenizer):
+    prompt = game_lib.tokenize_value_prompt(tokenizer, EN_CASE)
+    full, start = game_lib.coalition_ids(prompt, [True] * 5)
+    header, facts, question, answer = prompts.shapley_value_pieces(
+        language="en", facts=EN_CASE.facts, question=EN_CASE.question, answer=EN_CASE.gold_text
+    )
+    text = tokenizer.decode(full)
+    assert text == header + "".join(facts) + question + answer
+    assert text.startswith("You are a professional doctor") and text.endswith("answer: myocardial infarction")
+    dropped, _ = game_lib.coalition_ids(prompt, [True, False, True, True, True])
+    assert dropped.size == full.size - prompt.facts[1].size
+    empty, empty_start = game_lib.coalition_ids(prompt, [False] * 5)
+    assert tokenizer.decode(empty[:empty_start]).endswith(
+        "Patient information:\n\nQuestion: " + EN_CASE.question + "\nanswer:"
+    )
+    np.testing.assert_array_equal(full[start:], prompt.answer)
+
+
+def test_length_buckets_are_few():
+    buckets = {game_lib.length_bucket(n) for n in range(1, 513)}
+    assert sorted(buckets) == [16, 32, 48, 64, 96, 128, 192, 256, 368, 512]
+    assert all(game_lib.length_bucket(n) >= n for n in range(1, 2000))
+
+
+@pytest.mark.parametrize("case", [EN_CASE, ZH_CASE], ids=["en", "zh"])
+def test_batched_equals_separate_prompts(game, model, tokenizer, case):
+    prompt = game.prompt(case)
+    coalitions = est.all_coalitions(case.n_facts)
+    batched = game.values(prompt, coalitions)  # all of them: several chunks and length buckets
+    some = np.arange(0, len(coalitions), 3 if case.n_facts > 3 else 1)
+    separate = np.array([separate_value(model, prompt, coalitions[k]) for k in some])
+    batched = batched[some]
+    np.testing.assert_allclose(batched, separate, atol=1e-4, rtol=0)
+    assert np.ptp(separate) > 0.05  # the comparison is not between near-constants
+
+
+def test_prefix_reuse_equals_no_reuse(game, model, tokenizer):
+    plain = game_lib.CoalitionGame(model, tokenizer, batch_size=16, reuse_prefix=False)
+    coalitions = est.all_coalitions(5)
+    np.testing.assert_allclose(
+        game.values(game.prompt(EN_CASE), coalitions), plain.values(plain.prompt(EN_CASE), coalitions), atol=1e-4
+    )
+
+
+def test_sharded_over_data_axis(game, model, tokenizer):
+    mesh = make_mesh((-1,), ("data",))
+    assert mesh.shape["data"] == 8
+    sharded = game_lib.CoalitionGame(model, tokenizer, batch_size=16, mesh=mesh)
+    coalitions = est.all_coalitions(5)[::3]  # 11 rows: padded to the mesh
+    np.testing.assert_allclose(
+        sharded.values(sharded.prompt(EN_CASE), coalitions), game.values(game.prompt(EN_CASE), coalitions), atol=1e-4
+    )
+
+
+def test_estimators_on_tiny_lm_game(game):
+    exact, n_evals = est.exact(game.value_fn(EN_CASE), 5)
+    assert n_evals == 32
+    values = game.value_fn(EN_CASE)
+    v = values(np.stack([np.zeros(5, bool), np.ones(5, bool)]))
+    assert exact.sum() == pytest.approx(v[1] - v[0], abs=1e-5)
+    for name in ("antithetic", "kernel_shap", "permutation"):
+        phi, _ = est.choose_estimator(5, exact_max_n=0, fallback=name)[1](values, 5, budget=400, key=0)
+        assert phi.sum() == pytest.approx(v[1] - v[0], abs=1e-5)
+        # Large budgets on 5 players: close to exact.
+        assert np.abs(phi - exact).sum() < 0.25 * np.abs(exact).sum() + 1e-3, (name, phi, exact)
+
+
+def test_bad_coalition_shape(game):
+    with pytest.raises(ValueError, match=r"bool\[K, 5\]"):
+        game.values(game.prompt(EN_CASE), np.ones((2, 4), bool))
+
+
+@pytest.mark.slow
+def test_smollm2_batched_equals_separate_on_medqa(data_dir):
+    if not assets.smollm2_available():
+        pytest.skip("SmolLM2 package not installed")
+    from promed_jax.models.loader import load_model
+
+    case = next(c for c in load_cases(data_dir / "medqa_dev_convo.jsonl", on_error="skip") if 5 <= c.n_facts <= 8)
+    model, tokenizer = load_model(ml_collections.ConfigDict({"kind": "gguf", "path": "", "dtype": "float32"}))
+    smol_game = game_lib.CoalitionGame(model, tokenizer, batch_size=8)
+    prompt = smol_game.prompt(case)
+    rng = np.random.default_rng(0)
+    coalitions = np.concatenate(
+        [np.zeros((1, case.n_facts), bool), np.ones((1, case.n_facts), bool), rng.random((6, case.n_facts)) < 0.5]
+    )
+    batched = smol_game.values(prompt, coalitions)
+    separate = np.array([separate_value(model, prompt, c) for c in coalitions])
+    np.testing.assert_allclose(batched, separate, atol=1e-4, rtol=0)
