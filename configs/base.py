@@ -86,17 +86,19 @@ def backend_config() -> ml_collections.ConfigDict:
 
 def shapley_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.estimator = "tmc"  # used above exact_max_n: 'tmc' (paper) | 'antithetic' | 'kernelshap'
+    # used above exact_max_n: 'tmc' (paper) | 'kernel_shap' | 'antithetic' | 'permutation' (promed_jax.shapley)
+    c.estimator = "tmc"
     c.exact_max_n = 10  # exact enumeration up to this many facts (our decision, promed.md §2)
+    c.budget = 256  # distinct coalitions for kernel_shap / antithetic / permutation (tmc: its own stopping rules)
     c.min_permutations = 3  # paper: truncated Monte-Carlo, at least 3 permutations
     c.max_permutations = 50  # paper: at most 50 permutations
     c.truncation_tol = 0.01  # paper: a permutation stops once |v(prefix) - v(F)| < 0.01
     c.convergence_tol = 0.01  # paper: sampling stops when the mean change of phi is < 0.01
-    c.kernelshap_samples = 256
+    c.batch_permutations = 4  # tmc: permutations walked together, one forward per prefix length
     c.tau = 2.0  # paper: w = softmax(phi / tau)
     c.weighting = "shapley"  # 'shapley' (paper) | 'uniform' (ablation: no Shapley weighting)
     c.sig_mode = "exact"  # 'exact' (facts revealed verbatim) | 'paper' (understanding LLM + judge)
-    c.batch_size = 64  # coalitions per forward
+    c.batch_size = 64  # coalitions per forward (at most; chunks round up to powers of two)
     c.seed = 0
     c.plot = False  # write a per-case bar chart of fact weights
     return c

@@ -15,5 +15,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def sweep(add) -> None:
     """Estimators compared against exact enumeration."""
-    for estimator in ("tmc", "antithetic", "kernelshap"):
+    for estimator in ("tmc", "kernel_shap", "antithetic", "permutation"):
         add(**{"shapley.estimator": estimator})
