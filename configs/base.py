@@ -158,7 +158,9 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.learning_rate = 5e-6  # paper
     c.optimizer = "adam"  # paper
     c.updates_per_batch = 1  # paper: one policy update per rollout batch
-    c.advantage = "token_mean"  # paper: reward - mean token reward of the group, no std normalisation
+    # paper: 'token_mean' = reward - mean token reward of the group, no std normalisation;
+    # 'group_std' = GRPO's (r - mean) / std, used by the trajectory-level ablation
+    c.advantage = "token_mean"
     c.reward = "distributed"  # 'distributed' (paper) | 'trajectory' (ablation) | 'no_distribution' (ablation)
     c.trajectory_correct_reward = 4.0  # paper (trajectory ablation): correctness 4
     c.trajectory_sig_scale = 2.0  # paper (trajectory ablation): + 2 * sum_i w_i c_i(T)
