@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from promed_jax.data.cases import CaseError
+from promed_jax.data.sources import DataConfigError
 
 # Stage files import `configs.base`; the configs folder sits beside the package in the repository.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> int:
     except (StageMissing, UnknownMode) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    except (CaseError, FileNotFoundError) as e:  # bad input data: the message names file, record and field
+    except (CaseError, DataConfigError, FileNotFoundError) as e:  # bad data: the message names file, record, field
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

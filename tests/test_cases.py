@@ -1,6 +1,7 @@
 """Loading the real files in ../shared/data (skipped without them) and the loaders' conventions."""
 
 import json
+import re
 
 import pytest
 
@@ -8,10 +9,12 @@ from configs import base
 from promed_jax.data import (
     Case,
     CaseError,
+    DataConfigError,
     cases_from_config,
     detect_format,
     from_dataset,
     load_cases,
+    load_from_config,
     read_cases,
     resolve_path,
     to_dataset,
@@ -194,3 +197,19 @@ def test_configured_files_resolve_against_the_repository(tmp_path):
     assert config.data.kind == "files" and config.data.paths == (base.MEDQA_PATH,)
     assert resolve_path(str(tmp_path)) == tmp_path
     assert resolve_path("configs/base.py").is_file()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("on_error", "ignore", "config data.on_error must be one of 'raise', 'skip', got 'ignore'"),
+        ("kind", "hub", "config data.kind must be one of 'synthetic', 'files', got 'hub'"),
+        ("initial_info", "all", "config data.initial_info must be one of '', 'first_sentence', 'half_facts'"),
+        ("limit", -1, "config data.limit must be >= 0, got -1"),
+    ],
+)
+def test_bad_data_config_is_named(field, value, message):
+    config = base.get_config()
+    config.data[field] = value
+    with pytest.raises(DataConfigError, match=re.escape(message)):
+        load_from_config(config.data)

@@ -12,13 +12,14 @@ from promed_jax.data.cases import (
     read_cases,
     to_dataset,
 )
-from promed_jax.data.sources import cases_from_config, load_from_config, resolve_path
+from promed_jax.data.sources import DataConfigError, cases_from_config, load_from_config, resolve_path
 
 __all__ = [
     "FORMATS",
     "INITIAL_INFO_POLICIES",
     "Case",
     "CaseError",
+    "DataConfigError",
     "LoadResult",
     "cases_from_config",
     "detect_format",

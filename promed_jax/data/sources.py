@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from promed_jax.data import synthetic
-from promed_jax.data.cases import Case, LoadResult, read_cases
+from promed_jax.data.cases import FORMATS, INITIAL_INFO_POLICIES, Case, LoadResult, read_cases
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -18,20 +18,38 @@ def resolve_path(path: str) -> pathlib.Path:
     return p if p.is_absolute() else (REPO_ROOT / p).resolve()
 
 
+class DataConfigError(ValueError):
+    """A bad value in the config's `data` section (named as `data.<field>`)."""
+
+
+def _choice(data: Mapping[str, Any], field: str, allowed: tuple[str, ...]) -> None:
+    if data[field] not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise DataConfigError(f"config data.{field} must be one of {shown}, got {data[field]!r}")
+
+
+def check_data_config(data: Mapping[str, Any]) -> None:
+    """Validates the `data` section before anything is read."""
+    _choice(data, "kind", ("synthetic", "files"))
+    _choice(data, "on_error", ("raise", "skip"))
+    _choice(data, "format", ("", *FORMATS))
+    _choice(data, "initial_info", ("", *INITIAL_INFO_POLICIES))
+    for field in ("limit", "synthetic_n"):
+        if data[field] < 0:
+            raise DataConfigError(f"config data.{field} must be >= 0, got {data[field]}")
+    if data["kind"] == "files" and not data["paths"]:
+        raise DataConfigError("config data.kind='files' but data.paths is empty")
+
+
 def load_from_config(data: Mapping[str, Any]) -> list[LoadResult]:
     """One LoadResult per configured file, or one for the synthetic clinic (config section `data`)."""
+    check_data_config(data)
     if data["kind"] == "synthetic":
         cases = tuple(synthetic.make_cases(data["synthetic_n"], data["synthetic_seed"]))
         if data["limit"]:
             cases = cases[: data["limit"]]
         return [LoadResult(pathlib.Path("<synthetic clinic>"), "synthetic", cases)]
-    if data["kind"] != "files":
-        raise ValueError(f"config data.kind must be 'synthetic' or 'files', got {data['kind']!r}")
-    paths = data["paths"]
-    if isinstance(paths, str):
-        paths = [paths] if paths else []
-    if not paths:
-        raise ValueError("config data.kind='files' but data.paths is empty")
+    paths = [data["paths"]] if isinstance(data["paths"], str) else data["paths"]
     return [
         read_cases(
             resolve_path(path),
