@@ -1,0 +1,106 @@
+"""Evaluation summaries: metrics per mode, source and option count; a markdown table and a plot.
+
+Metrics (promed.md §1): accuracy (no answer counts as wrong), mean number of questions asked, and the share
+of episodes that never answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+
+from promed_jax import io
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Metrics of one slice of the results.
+
+    Attributes:
+      mode: `reactive`, `proactive` or `full`.
+      slice: `all`, `source=<name>` or `options=<k>`.
+      n: cases in the slice.
+      accuracy: share answered right.
+      mean_questions: questions asked per case.
+      never_answered: share of cases that ended without an answer.
+    """
+
+    mode: str
+    slice: str
+    n: int
+    accuracy: float
+    mean_questions: float
+    never_answered: float
+
+
+def summarize_slice(mode: str, name: str, records: Sequence[Mapping]) -> Summary:
+    n = len(records)
+    if n == 0:
+        raise ValueError(f"mode {mode}, slice {name}: no records to summarize")
+    return Summary(
+        mode=mode,
+        slice=name,
+        n=n,
+        accuracy=sum(bool(r["correct"]) for r in records) / n,
+        mean_questions=sum(int(r["n_questions"]) for r in records) / n,
+        never_answered=sum(not r["answered"] for r in records) / n,
+    )
+
+
+def summarize(mode: str, records: Sequence[Mapping]) -> list[Summary]:
+    """`all`, then one row per source, then one per option count (only where there is more than one)."""
+    rows = [summarize_slice(mode, "all", records)]
+    for key, label in (("source", "source"), ("n_options", "options")):
+        values = sorted({r[key] for r in records})
+        if len(values) > 1:
+            rows += [summarize_slice(mode, f"{label}={v}", [r for r in records if r[key] == v]) for v in values]
+    return rows
+
+
+def markdown_table(rows: Iterable[Summary]) -> str:
+    lines = [
+        "| mode | slice | cases | accuracy | mean questions | never answered |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.mode} | {r.slice} | {r.n} | {r.accuracy:.1%} | {r.mean_questions:.2f} | {r.never_answered:.1%} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_questions(rows: Sequence[Summary], path: str | os.PathLike, *, title: str = "") -> None:
+    """One point per mode (slice `all`): accuracy against mean questions asked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overall = [r for r in rows if r.slice == "all"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in overall:
+        ax.scatter(r.mean_questions, 100 * r.accuracy, s=60)
+        ax.annotate(r.mode, (r.mean_questions, 100 * r.accuracy), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("mean questions asked")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(-0.5, max([10.5] + [r.mean_questions + 0.5 for r in overall]))
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | os.PathLike, rows: Sequence[Summary], *, title: str = "") -> pathlib.Path:
+    """Writes `summary.md`, `summary.json` and `accuracy_vs_questions.png` into `out_dir`; returns the table's path."""
+    out = pathlib.Path(out_dir)
+    table = markdown_table(rows)
+    io.atomic_write_text(out / "summary.md", (f"# {title}\n\n" if title else "") + table)
+    io.atomic_write_json(out / "summary.json", [dataclasses.asdict(r) for r in rows])
+    plot_accuracy_vs_questions(rows, out / "accuracy_vs_questions.png", title=title)
+    return out / "summary.md"
