@@ -163,7 +163,10 @@ def _options(record: Mapping[str, Any], field: str, *, drop_padding: bool) -> tu
     return options, n_padding
 
 
-def _answer(record: Mapping[str, Any], field: str, raw_options: Mapping[str, Any], options: Mapping[str, str]):
+def _answer(
+    record: Mapping[str, Any], field: str, raw_options: Mapping[str, Any], options: Mapping[str, str]
+) -> tuple[str, ...]:
+    """The gold letters, sorted; each must name a non-empty option (multi-letter answers are CMB's)."""
     letters = _text(record, field).upper()
     if not letters.isalpha():
         raise _RecordError(field, f"{letters!r} is not option letters")
@@ -223,11 +226,10 @@ def _initial_info(
             raise _RecordError("context[0]", "no first sentence for the initial information")
         return _sentence(context[0], language), ()
     half = len(facts) // 2
-    joiner = "，" if language == "zh" else " "
-    if language == "zh":
+    if language == "zh":  # the reference code: facts joined with "，", ended with "。"
         text = "，".join(fact.rstrip("。，") for fact in facts[:half])
     else:
-        text = joiner.join(_sentence(fact, language) for fact in facts[:half])
+        text = " ".join(_sentence(fact, language) for fact in facts[:half])
     return _sentence(text, language), tuple(range(half))
 
 
