@@ -1,0 +1,160 @@
+"""Evaluation: metrics and report, resume without redoing cases, and a SIGKILL half-way through a real run."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from promed_jax.consult.patients import FactSelectPatient
+from promed_jax.data import synthetic
+from promed_jax.evaluation import report
+from promed_jax.evaluation.evaluate import evaluate_mode
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _rec(source, n_options, correct, answered, n_questions):
+    return {"source": source, "n_options": n_options, "correct": correct, "answered": answered, "n_questions": n_questions}
+
+
+def test_summaries_by_source_and_option_count():
+    records = [
+        _rec("medqa", 4, True, True, 2),
+        _rec("medqa", 4, False, False, 10),
+        _rec("cmb", 5, True, True, 0),
+        _rec("cmb", 5, False, True, 1),
+    ]
+    rows = {r.slice: r for r in report.summarize("proactive", records)}
+    assert list(rows) == ["all", "source=cmb", "source=medqa", "options=4", "options=5"]
+    assert (rows["all"].n, rows["all"].accuracy, rows["all"].mean_questions, rows["all"].never_answered) == (
+        4, 0.5, 3.25, 0.25,
+    )
+    assert (rows["source=medqa"].accuracy, rows["source=medqa"].mean_questions) == (0.5, 6.0)
+    assert rows["options=5"].never_answered == 0.0
+    # one source and one option count: only the overall row
+    assert [r.slice for r in report.summarize("reactive", records[:2])] == ["all"]
+    with pytest.raises(ValueError, match="no records"):
+        report.summarize_slice("full", "all", [])
+
+
+def test_report_files(tmp_path):
+    rows = report.summarize("reactive", [_rec("s", 4, True, True, 0)]) + report.summarize(
+        "proactive", [_rec("s", 4, False, False, 3)]
+    )
+    table = report.write_report(tmp_path, rows, title="t")
+    text = table.read_text()
+    assert "| reactive | all | 1 | 100.0% | 0.00 | 0.0% |" in text
+    assert "| proactive | all | 1 | 0.0% | 3.00 | 100.0% |" in text
+    assert json.loads((tmp_path / "summary.json").read_text())[1]["mean_questions"] == 3.0
+    assert (tmp_path / "accuracy_vs_questions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class CountingDoctor:
+    """Asks one question, then answers A; records which cases it was asked to play (by their first message)."""
+
+    def __init__(self):
+        self.first_messages = []
+
+    def chat(self, conversations, *, max_tokens=256, temperature=0.0, stop=()):
+        out = []
+        for conv in conversations:
+            if len(conv) == 1:
+                self.first_messages.append(conv[0]["content"])
+                out.append("question: Is it true that the patient has a fever?")
+            else:
+                out.append("answer: 【answer: A】")
+        return out
+
+
+def _evaluate(cases, path, doctor, mode="proactive"):
+    return evaluate_mode(
+        cases,
+        doctor,
+        FactSelectPatient(),
+        path,
+        mode=mode,
+        batch_size=4,
+        max_questions=10,
+        max_new_tokens=8,
+        temperature=0.0,
+        model="scripted",
+        patient_name="fact_select",
+    )
+
+
+def test_resume_skips_finished_cases_and_drops_torn_line(tmp_path):
+    cases = synthetic.make_cases(10, seed=2)
+    reference = _evaluate(cases, tmp_path / "ref.jsonl", CountingDoctor())
+
+    path = tmp_path / "run.jsonl"
+    _evaluate(cases[:6], path, CountingDoctor())
+    with open(path, "ab") as f:  # a kill while writing case 7's line
+        f.write(b'{"id": "synthetic:6", "sou')
+    doctor = CountingDoctor()
+    resumed = _evaluate(cases, path, doctor)
+    assert len(doctor.first_messages) == 4  # only the 4 unfinished cases were played
+    assert resumed == reference
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [c.id for c in cases]
+    rec = resumed[0]
+    assert rec["turns"][0]["role"] == "assistant" and rec["n_questions"] == 1 and rec["letters"] == ["A"]
+    assert rec["prompt_version"].startswith("doctor-v")
+
+
+def _run_main(workdir, *extra):
+    cmd = [
+        sys.executable,
+        "-m",
+        "promed_jax.main",
+        "--config=configs/eval.py",
+        f"--workdir={workdir}",
+        "--config.data.synthetic_n=12",
+        "--config.eval.batch_size=4",
+        *extra,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+    return cmd, env
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_sigkill_half_way_then_resume_equals_uninterrupted(tmp_path):
+    pytest.importorskip("promed_jax.models.loader")
+    modes = ("reactive", "proactive", "full")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+
+    cmd, env = _run_main(ref_dir)
+    done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| proactive | all | 12 |" in done.stdout
+
+    cmd, env = _run_main(run_dir)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = run_dir / "eval" / "default"
+    deadline = time.monotonic() + 300
+    while len(_lines(out / "proactive.jsonl")) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {m: _lines(out / f"{m}.jsonl") for m in modes}
+    assert len(before["reactive"]) == 12 and 4 <= len(before["proactive"]) < 12 and not before["full"], before
+
+    done = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for m in modes:
+        after = _lines(out / f"{m}.jsonl")
+        assert after[: len(before[m])] == before[m]  # finished cases were kept, not redone
+        ids = [json.loads(line)["id"] for line in after]
+        assert len(ids) == len(set(ids)) == 12
+        ref = sorted(_lines(ref_dir / "eval" / "default" / f"{m}.jsonl"))
+        assert sorted(after) == ref
+    assert (out / "summary.md").read_text() == (ref_dir / "eval" / "default" / "summary.md").read_text()
+    assert (out / "accuracy_vs_questions.png").exists()
