@@ -11,9 +11,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
-import pathlib  # noqa: E402
+import pathlib
 
-import pytest  # noqa: E402
+import pytest
 
 DATA_DIR = pathlib.Path(os.environ.get("PROMED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
