@@ -15,7 +15,9 @@ import pathlib
 
 import pytest
 
-DATA_DIR = pathlib.Path(os.environ.get("PROMED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA_DIR = pathlib.Path(
+    os.environ.get("PROMED_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 
 
 @pytest.fixture(scope="session")
