@@ -140,13 +140,14 @@ def test_kernel_shap_error_shrinks_with_budget():
     assert errors[-1] < errors[0] / 4, errors
 
 
-def test_kernel_shap_gram_matches_sampling():
-    n = 6
-    p = est.kernel_size_distribution(n)
-    z = est.all_coalitions(n)[1:-1]
-    sizes = z.sum(1)
-    prob = p[sizes - 1] / np.array([math.comb(n, s) for s in sizes])
-    np.testing.assert_allclose((z.T * prob) @ z, est.kernel_shap_gram(n), atol=1e-12)
+def test_kernel_shap_samples_follow_the_kernel():
+    n, pairs = 6, 10000
+    samples = est.kernel_samples(n, pairs, np.random.default_rng(0))
+    np.testing.assert_array_equal(samples[pairs:], ~samples[:pairs])
+    freq = np.bincount(samples[:pairs].sum(1), minlength=n)[1:] / pairs
+    np.testing.assert_allclose(freq, est.kernel_size_distribution(n), atol=0.015)
+    # Within a size every player is equally likely.
+    np.testing.assert_allclose(samples[:pairs][samples[:pairs].sum(1) == 2].mean(0), 2 / n, atol=0.03)
 
 
 def test_tmc_bias_within_tolerance():
