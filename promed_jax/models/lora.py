@@ -7,6 +7,7 @@ are `LoRAParam`s (a subclass of `nnx.Param`), so an optimizer built with `wrt=Lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -35,7 +36,7 @@ class LoRA(nnx.Module):
         rngs: nnx.Rngs,
     ):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        fan_in = int(jnp.prod(jnp.array(in_shape)))
+        fan_in = math.prod(in_shape)
         init_a = jax.nn.initializers.normal(stddev=fan_in**-0.5)
         self.a = LoRAParam(
             init_a(rngs.params(), (*in_shape, rank), param_dtype),
@@ -61,3 +62,29 @@ class LoRA(nnx.Module):
     def delta(self) -> jax.Array:
         """The dense update `scale * A @ B` of the kernel, shape `[*in, *out]`."""
         return jnp.tensordot(self.a[...], self.b[...], axes=1) * self.scale
+
+
+def merged_weights(model: nnx.Module) -> dict[str, jax.Array]:
+    """The base parameters of `model` (flat path `layers.0.self_attn.q_proj.kernel` -> array) with every
+    adapter folded into its kernel: `W + scale * A @ B`."""
+    flat = {".".join(map(str, path)): v[...] for path, v in nnx.state(model, nnx.Param).flat_state()}
+    merged = {k: v for k, v in flat.items() if ".lora." not in k}
+    for key, a in flat.items():
+        if key.endswith(".lora.a"):
+            base = key[: -len(".lora.a")]
+            kernel = merged[f"{base}.kernel"]
+            delta = jnp.tensordot(a, flat[f"{base}.lora.b"], axes=1) * model.config.lora_scale
+            merged[f"{base}.kernel"] = (kernel + delta).astype(kernel.dtype)
+    return merged
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` without adapters whose kernels include them (same outputs as `use_lora=True`)."""
+    from promed_jax.models.transformer import Transformer
+
+    cfg = model.config.replace(lora_rank=0)
+    merged = merged_weights(model)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    for path, variable in state.flat_state():
+        variable.set_value(merged[".".join(map(str, path))])
+    return nnx.merge(graphdef, state)

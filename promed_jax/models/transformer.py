@@ -74,7 +74,9 @@ def _param(value: jax.Array, axes: Axes) -> nnx.Param:
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """float32 [head_dim / 2] rotary inverse frequencies, with Llama-3.1 scaling when configured."""
     exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
-    inv_freq = (1.0 / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
+    # theta ** e rounded to float32, then a float32 reciprocal: bit-identical to the torch reference, which
+    # matters at large positions (one ulp of a frequency is 2e-4 rad at position 3000).
+    inv_freq = np.float32(1.0) / np.power(np.float64(cfg.rope_theta), exponents.astype(np.float64)).astype(np.float32)
     s = cfg.rope_scaling
     if s is None:
         return inv_freq

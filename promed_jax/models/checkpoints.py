@@ -1,0 +1,428 @@
+"""Checkpoint I/O: Hugging Face safetensors folders and GGUF files in, Hugging Face folders out.
+
+One declarative key map per architecture (`KEY_MAPS`) says which checkpoint tensor fills which of our
+parameters and how: `linear` (a torch `[out, in]` weight becomes our `[in, out]` kernel, reshaped to our
+head layout), `flat` (a flat vector reshaped, e.g. q bias `[H * hd] -> [H, hd]`) or `same`. The loader is
+generic and fails loudly: a checkpoint tensor that maps to nothing, a parameter with no tensor, or a shape
+that does not fit is an error naming the file and the tensor. Pickle checkpoints (`*.bin`, `*.pt`) are
+refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import struct
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from promed_jax import io
+from promed_jax.models.config import ModelConfig
+from promed_jax.models.lora import LoRAParam
+from promed_jax.models.transformer import Transformer
+from promed_jax.sharding import LOGICAL_RULES, logical_to_spec
+
+LINEAR, FLAT, SAME = "linear", "flat", "same"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRule:
+    """Our parameter path <-> checkpoint key (`{i}` = layer index); `n_in` = input dims of a linear kernel."""
+
+    ours: str
+    hf: str
+    kind: str
+    n_in: int = 1
+
+
+def _layer(ours: str, hf: str, kind: str, n_in: int = 1) -> KeyRule:
+    return KeyRule(f"layers.{{i}}.{ours}", f"model.layers.{{i}}.{hf}", kind, n_in)
+
+
+_LLAMA_QWEN2 = (
+    KeyRule("embed", "model.embed_tokens.weight", SAME),
+    KeyRule("norm.scale", "model.norm.weight", SAME),
+    KeyRule("lm_head", "lm_head.weight", LINEAR),
+    _layer("input_layernorm.scale", "input_layernorm.weight", SAME),
+    _layer("post_attention_layernorm.scale", "post_attention_layernorm.weight", SAME),
+    _layer("self_attn.q_proj.kernel", "self_attn.q_proj.weight", LINEAR),
+    _layer("self_attn.k_proj.kernel", "self_attn.k_proj.weight", LINEAR),
+    _layer("self_attn.v_proj.kernel", "self_attn.v_proj.weight", LINEAR),
+    _layer("self_attn.o_proj.kernel", "self_attn.o_proj.weight", LINEAR, n_in=2),
+    _layer("self_attn.q_proj.bias", "self_attn.q_proj.bias", FLAT),
+    _layer("self_attn.k_proj.bias", "self_attn.k_proj.bias", FLAT),
+    _layer("self_attn.v_proj.bias", "self_attn.v_proj.bias", FLAT),
+    _layer("self_attn.o_proj.bias", "self_attn.o_proj.bias", FLAT),
+    _layer("mlp.gate_proj.kernel", "mlp.gate_proj.weight", LINEAR),
+    _layer("mlp.up_proj.kernel", "mlp.up_proj.weight", LINEAR),
+    _layer("mlp.down_proj.kernel", "mlp.down_proj.weight", LINEAR),
+)
+# The two families share Hugging Face's names; which biases exist follows from the config.
+KEY_MAPS: Mapping[str, tuple[KeyRule, ...]] = {"llama": _LLAMA_QWEN2, "qwen2": _LLAMA_QWEN2}
+
+# Checkpoint tensors that are buffers, not parameters (older Llama checkpoints saved the rotary table).
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+# GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf naming).
+GGUF_NAMES: Mapping[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_SAFETENSORS_DTYPES: Mapping[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_BASE = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as given (the message names the file and the tensor)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One checkpoint tensor, numpy-backed (memory-mapped for safetensors), and the file it came from."""
+
+    array: np.ndarray
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors, read and written as numpy (bf16 through ml_dtypes, which torch-free numpy lacks)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """name -> memory-mapped numpy array (no copy until used)."""
+    path = pathlib.Path(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(header_len))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: not a safetensors file ({err})") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write `tensors` (C order) as one safetensors file, atomically."""
+    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset, blobs = 0, []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in names:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {array.dtype}")
+        blob = array.tobytes()
+        header[name] = {
+            "dtype": names[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        offset += len(blob)
+        blobs.append(blob)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    io.atomic_write_bytes(path, struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+def read_hf_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a Hugging Face folder: `model.safetensors` or the shards named by
+    `model.safetensors.index.json`."""
+    folder = pathlib.Path(folder)
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif single.is_file():
+        weight_map, files = None, [single.name]
+    else:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES) if folder.is_dir() else []
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: only pickle checkpoints ({', '.join(pickles)}); they are refused because unpickling "
+                "runs arbitrary code. Convert them to safetensors first."
+            )
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, Tensor] = {}
+    for name in files:
+        for key, array in read_safetensors(folder / name).items():
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CheckpointError(f"{folder / name}: tensor {key} is not listed for this file in {index.name}")
+            tensors[key] = Tensor(array, str(folder / name))
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CheckpointError(f"{index}: tensors listed but not found in the shards: {absent[:5]}")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a model from named tensors
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _rule_for(rules: tuple[KeyRule, ...], ours: str) -> tuple[KeyRule, str]:
+    for rule in rules:
+        pattern = "^" + re.escape(rule.ours).replace(re.escape("{i}"), r"(\d+)") + "$"
+        match = re.match(pattern, ours)
+        if match:
+            return rule, rule.hf.replace("{i}", match.group(1)) if match.groups() else rule.hf
+    raise CheckpointError(f"parameter {ours} has no entry in the key map")
+
+
+def _hf_shape(rule: KeyRule, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if rule.kind == LINEAR:
+        return (math.prod(ours_shape[rule.n_in :]), math.prod(ours_shape[: rule.n_in]))
+    if rule.kind == FLAT:
+        return (math.prod(ours_shape),)
+    return ours_shape
+
+
+def to_ours(rule: KeyRule, array: np.ndarray, ours_shape: tuple[int, ...]) -> np.ndarray:
+    """A checkpoint tensor in our layout (the caller has checked its shape)."""
+    if rule.kind == LINEAR:
+        array = array.T
+    return array.reshape(ours_shape)
+
+
+def to_hf(rule: KeyRule, array: np.ndarray) -> np.ndarray:
+    """One of our parameters in the checkpoint's layout."""
+    shape = _hf_shape(rule, array.shape)
+    if rule.kind == LINEAR:
+        return np.ascontiguousarray(array.reshape(shape[::-1]).T)
+    return array.reshape(shape)
+
+
+def build_model(
+    cfg: ModelConfig,
+    tensors: Mapping[str, Tensor],
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, str] = LOGICAL_RULES,
+) -> Transformer:
+    """A `Transformer` whose base parameters come from `tensors` (Hugging Face names); LoRA adapters and RNG
+    state are initialised from `seed`. With a mesh, every array is placed under its logical sharding."""
+    key_map = KEY_MAPS[cfg.model_type]
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, base, _ = nnx.split(abstract, _BASE, ...)
+    # Only the adapters and RNG state are materialised; XLA drops the unused random base weights.
+    rest = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), _BASE, ...)[2])()
+
+    def place(variable: nnx.Variable, array: Any) -> Any:
+        if mesh is None:
+            return jax.device_put(array)
+        axes = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(array)
+        return jax.device_put(
+            array, jax.sharding.NamedSharding(mesh, logical_to_spec(axes, np.shape(array), mesh, rules))
+        )
+
+    used = set()
+    for path, variable in base.flat_state():
+        ours = _path_str(path)
+        rule, key = _rule_for(key_map, ours)
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint has no tensor {key} (for parameter {ours})")
+        tensor = tensors[key]
+        expected = _hf_shape(rule, tuple(variable.shape))
+        if tuple(tensor.array.shape) != expected:
+            raise CheckpointError(
+                f"{tensor.source}: tensor {key} has shape {tuple(tensor.array.shape)}, expected {expected} "
+                f"for parameter {ours} {tuple(variable.shape)}"
+            )
+        array = to_ours(rule, np.asarray(tensor.array), tuple(variable.shape)).astype(cfg.weight_dtype)
+        variable.set_value(place(variable, array))
+        used.add(key)
+    # A tied checkpoint may still carry lm_head.weight (a copy of the embedding): it has nothing to fill.
+    tolerated = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unmapped = sorted(k for k in tensors if k not in used and k not in tolerated and not _IGNORED.match(k))
+    if unmapped:
+        sources = sorted({tensors[k].source for k in unmapped})
+        raise CheckpointError(f"{', '.join(sources)}: tensors that map to no parameter: {unmapped[:8]}")
+    rest = jax.tree.map(lambda v: v.replace(place(v, v[...])), rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, base, rest)
+
+
+def load_hf(
+    folder: str | os.PathLike,
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, str] = LOGICAL_RULES,
+    **overrides: Any,
+) -> Transformer:
+    """A model from a Hugging Face folder (`config.json` + safetensors). `overrides` set our own config
+    fields (dtype, param_dtype, remat, LoRA)."""
+    folder = pathlib.Path(folder)
+    if folder.suffix in _PICKLE_SUFFIXES:
+        raise CheckpointError(f"{folder}: pickle checkpoints are refused (unpickling runs arbitrary code)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        cfg = ModelConfig.from_hf(json.loads(config_path.read_text()), **overrides)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+    return build_model(cfg, read_hf_tensors(folder), seed=seed, mesh=mesh, rules=rules)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order (each head's halves interleaved for its rotary kernel)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_name_to_hf(name: str, source: str) -> str:
+    match = re.match(r"^blk\.(\d+)\.(.+)$", name)
+    template = f"blk.{{i}}.{match.group(2)}" if match else name
+    if template not in GGUF_NAMES:
+        raise CheckpointError(f"{source}: GGUF tensor {name} maps to no parameter")
+    return GGUF_NAMES[template].replace("{i}", match.group(1)) if match else GGUF_NAMES[template]
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(Hugging Face-style config dict, dequantized float32 tensors under Hugging Face names)."""
+    import gguf
+
+    path = str(path)
+    reader = gguf.GGUFReader(path)
+
+    def field(key: str, default: Any = None) -> Any:
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    arch = field("general.architecture")
+    if arch not in KEY_MAPS:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {sorted(KEY_MAPS)}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(f"{path}: GGUF rope_freqs (Llama-3.1 rope scaling) is not supported; use the HF folder")
+    heads = int(field(f"{arch}.attention.head_count"))
+    kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden = int(field(f"{arch}.embedding_length"))
+    hf = {
+        "model_type": arch,
+        "vocab_size": int(field(f"{arch}.vocab_size", int(np.prod(embed.shape)) // hidden)),
+        "hidden_size": hidden,
+        "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(field(f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": int(field(f"{arch}.rope.dimension_count", hidden // heads)),
+        "rope_theta": float(field(f"{arch}.rope.freq_base", 10_000.0)),
+        "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(field(f"{arch}.context_length", 8192)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+    }
+    tensors = {}
+    for t in reader.tensors:
+        key = _gguf_name_to_hf(t.name, path)
+        array = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        # convert_hf_to_gguf permutes q/k rows for the llama architecture only (Qwen2 keeps HF's order).
+        if arch == "llama" and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", key):
+            array = _unpermute_rotary(array, heads if ".q_proj." in key else kv_heads)
+        tensors[key] = Tensor(array, path)
+    return hf, tensors
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, str] = LOGICAL_RULES,
+    **overrides: Any,
+) -> Transformer:
+    """A model from a GGUF file (any quantization the `gguf` package dequantizes; Q4_1 for SmolLM2)."""
+    hf, tensors = read_gguf(path)
+    try:
+        cfg = ModelConfig.from_hf(hf, **overrides)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return build_model(cfg, tensors, seed=seed, mesh=mesh, rules=rules)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def hf_tensors(model: Transformer, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, array) for every base parameter, with LoRA adapters merged in."""
+    from promed_jax.models.lora import merged_weights
+
+    cfg = model.config
+    key_map = KEY_MAPS[cfg.model_type]
+    target = np.dtype(ml_dtypes.bfloat16) if (dtype or cfg.param_dtype) == "bfloat16" else np.dtype(np.float32)
+    for ours, array in merged_weights(model).items():
+        rule, key = _rule_for(key_map, ours)
+        yield key, to_hf(rule, np.asarray(jax.device_get(array)).astype(target))
+
+
+def save_hf(model: Transformer, folder: str | os.PathLike, *, dtype: str | None = None, tokenizer: Any = None) -> None:
+    """Write `model` (LoRA merged) as a Hugging Face folder that transformers loads unchanged:
+    `config.json`, `model.safetensors` and, when given, the tokenizer files."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = dtype or model.config.param_dtype
+    if tokenizer is not None:
+        hf.update(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        tokenizer.save_pretrained(folder)
+    write_safetensors(folder / "model.safetensors", dict(hf_tensors(model, dtype)))
+    io.atomic_write_json(folder / "config.json", hf)
