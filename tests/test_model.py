@@ -12,7 +12,7 @@ from promed_jax.models import ModelConfig, Transformer, causal_mask, init_cache,
 from promed_jax.models.checkpoints import load_hf
 
 torch = pytest.importorskip("torch")
-from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits  # noqa: E402
+from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits
 
 TOL = 1e-4
 LLAMA3_SCALING = {
@@ -23,9 +23,14 @@ LLAMA3_SCALING = {
     "original_max_position_embeddings": 64,
 }
 CASES = {
-    "llama": dict(model_type="llama", rope_theta=500.0, tie_word_embeddings=True, head_dim=16),
-    "qwen2": dict(model_type="qwen2", rope_theta=2000.0, tie_word_embeddings=False),
-    "llama3_rope": dict(model_type="llama", rope_theta=500_000.0, rope_scaling=LLAMA3_SCALING, attention_bias=True),
+    "llama": {"model_type": "llama", "rope_theta": 500.0, "tie_word_embeddings": True, "head_dim": 16},
+    "qwen2": {"model_type": "qwen2", "rope_theta": 2000.0, "tie_word_embeddings": False},
+    "llama3_rope": {
+        "model_type": "llama",
+        "rope_theta": 500_000.0,
+        "rope_scaling": LLAMA3_SCALING,
+        "attention_bias": True,
+    },
 }
 
 
