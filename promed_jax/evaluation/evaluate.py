@@ -61,14 +61,20 @@ def evaluate_mode(
     temperature: float,
     model: str,
     patient_name: str,
+    max_dialogue_tokens: int = 0,
 ) -> list[dict]:
-    """Runs the cases not yet in `path` in batches, appending a line per case; returns the records of `cases`."""
+    """Runs the cases not yet in `path` in batches, appending a line per case; returns the records of `cases`.
+
+    With `max_dialogue_tokens` and a doctor that can `encode` a conversation (the local backend), dialogues
+    that would outgrow it end unanswered (`END_LENGTH`)."""
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}; known: {', '.join(MODES)}")
     done = {r["id"]: r for r in io.resume_jsonl(path)}
     todo = [c for c in cases if c.id not in done]
     if done:
         logging.info("eval %s: %d cases already in %s, %d to go", mode, len(cases) - len(todo), path, len(todo))
+    encode = getattr(doctor, "encode", None)
+    count_tokens = (lambda messages: len(encode(messages))) if encode is not None else None
     t0 = time.monotonic()
     with io.JsonlWriter(path) as writer:
         for start in range(0, len(todo), batch_size):
@@ -81,6 +87,8 @@ def evaluate_mode(
                 max_questions=max_questions,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
+                max_dialogue_tokens=max_dialogue_tokens,
+                count_tokens=count_tokens,
             )
             for d in dialogues:
                 rec = record(d, mode=mode, model=model, patient=patient_name)
@@ -140,6 +148,7 @@ def run(config, workdir: str) -> list[report.Summary]:
             temperature=ev.temperature,
             model=model_name(config.model),
             patient_name=config.patient.kind,
+            max_dialogue_tokens=config.sampling.max_dialogue_tokens,
         )
         timings[mode] = time.monotonic() - t0
         rows += report.summarize(mode, records)
