@@ -24,7 +24,7 @@ def letters(text, options=OPTS):
         ("Let me think. question: any travel?", P.QUESTION),  # contains only: still a question
         ("question: is it C? answer: C", P.QUESTION),  # the first marker decides
         ("answer: C. Follow-up question: none", P.ANSWER),
-        ("问题：您发热吗？", P.QUESTION),
+        ("问题：患者发热。answer: 【正确答案是A】", P.ANSWER),  # an echoed problem label is no question
         ("答案：A", P.ANSWER),
         ("I think it is C.", P.INVALID),
         ("", P.INVALID),

@@ -27,12 +27,10 @@ END_RUNAWAY = "runaway"
 END_QUESTION_LIMIT = "question_limit"
 END_LENGTH = "length"
 
-# A turn marker: `question:` / `answer:` in any case, ASCII or full-width colon; the Chinese prompt keeps the
-# English markers (as the paper's does) but a Chinese doctor may also write 问题：/ 答案：.
-_MARKER = re.compile(
-    r"(?<![A-Za-z])(?P<q>question\s*[:：]|问题\s*[:：])|(?<![A-Za-z])(?P<a>answer\s*[:：]|答案\s*[:：])",
-    re.IGNORECASE,
-)
+# A turn marker: `question:` / `answer:` in any case, ASCII or full-width colon. The Chinese prompt keeps the
+# English markers (as the paper's does); a Chinese doctor's 答案： also marks an answer, but 问题： does not mark
+# a question, because it is the Chinese prompt's label of the problem, which a doctor may echo.
+_MARKER = re.compile(r"(?<![A-Za-z])(?P<q>question\s*[:：])|(?<![A-Za-z])(?P<a>answer\s*[:：]|答案\s*[:：])", re.IGNORECASE)
 _BRACKETED = re.compile(r"【\s*(?:answer\s*[:：]|答案\s*[:：]?|正确答案是|正确答案\s*[:：])(?P<body>[^【】]*)】", re.IGNORECASE)
 # The `answer` marker of the second extraction step: where a bare answer's letters follow.
 _ANSWER_WORD = re.compile(
