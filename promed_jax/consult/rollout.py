@@ -29,7 +29,8 @@ class Dialogue:
     Attributes:
       case: the case (the doctor never sees it; only its first message and the patient's replies).
       sample: index of this sample among the G of its case.
-      messages: [1 + 2K - 1 or 2K] the instruction (user), then doctor (assistant) and patient (user) turns.
+      messages: [M] the instruction (user), then K doctor (assistant) turns, each but possibly the last
+        followed by the patient's (user) reply: M = 2K, or 2K + 1 when the token budget ended it after a reply.
       revealed: [K] per doctor turn, the fact indices the patient's reply to it revealed, in reply order
         (() for the last turn when no reply followed; None where the patient cannot know, an LLM patient).
       revealed_turn: [n_facts] the doctor turn after which each fact was first known: 0 for facts known at the
