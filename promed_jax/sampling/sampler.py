@@ -1,0 +1,371 @@
+"""Batched sampling from the decoder: a jitted prefill, then a jitted `lax.while_loop` decode over a
+static-size KV cache, with the sampler state donated from one to the other.
+
+Layout: prompts are LEFT-padded to a common length P, so every row writes its next token to the same
+buffer index and cache slot (`cursor`); the token buffer and the KV cache have L = P + N slots for N new
+tokens, and buffer index == cache slot. Batch, P and N are rounded up to powers of two, so calls with other
+sizes reuse the compiled functions.
+
+Per step the logits of the last token are processed in the order transformers' `generate` uses: repetition
+penalty and no-repeat n-gram ban (both over prompt and generated tokens), then temperature, top-k, top-p;
+greedy takes the argmax of the penalised logits. The returned log-probabilities are those of the raw model
+(temperature 1, no penalty): what the scorer and the RL losses compute for the same tokens.
+
+A row stops after an EOS id or after a stop sequence of token ids (both included in its tokens), or after
+`max_new_tokens`. Stop *strings* can tokenize differently in context, so `truncate_at_stop_strings` cuts the
+decoded text afterwards; their canonical tokenizations, passed as stop sequences, stop the loop early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from promed_jax.models.transformer import KVCache, causal_mask, init_cache, positions_from_mask
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Hashable: every field but `max_new_tokens` is part of the compiled decode.
+
+    `temperature == 0` or `greedy` takes the argmax; `top_k == 0` and `top_p == 1` switch those filters
+    off; `repetition_penalty == 1` and `no_repeat_ngram_size == 0` switch those off (the paper's RL stage
+    uses 1.1 and 3). `pad_id` fills the buffer after a row stops.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    eos_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    pad_id: int = 0
+    use_lora: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "stop_sequences", tuple(tuple(int(i) for i in s) for s in self.stop_sequences))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}; must be >= 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"SamplingConfig: temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0), "
+                f"top_p={self.top_p} (in (0, 1])"
+            )
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(
+                f"SamplingConfig: repetition_penalty={self.repetition_penalty} (> 0), "
+                f"no_repeat_ngram_size={self.no_repeat_ngram_size} (>= 0)"
+            )
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise ValueError("SamplingConfig.stop_sequences contains an empty sequence")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+    """The decode loop's carry (B rows, L = P + N buffer slots, N new-token slots, V vocabulary).
+
+    Attributes:
+      tokens: int32[B, L] left-padded prompt in [0, P), new tokens from P on.
+      valid: bool[B, L] False on left padding; the attention mask over cache slots.
+      cursor: int32[] buffer index of the newest token (the next decode step's input).
+      positions: int32[B] position id of the newest token.
+      cache: KVCache with L slots.
+      done: bool[B] the row has stopped (or is batch padding).
+      lengths: int32[B] new tokens so far, the stop token included.
+      logprobs: float32[B, N] raw-model log-probability of each new token (0 after the row stopped).
+      rng: PRNG key.
+      limit: int32[] the number of new tokens asked for (<= N).
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    cursor: jax.Array
+    positions: jax.Array
+    cache: KVCache
+    done: jax.Array
+    lengths: jax.Array
+    logprobs: jax.Array
+    rng: jax.Array
+    limit: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """Sampled continuations (host numpy arrays).
+
+    Attributes:
+      tokens: int32[B, N] new tokens of each prompt; `pad_id` after `lengths[b]`.
+      logprobs: float32[B, N] raw-model log-probability of each token; 0 after `lengths[b]`.
+      lengths: int32[B] number of new tokens, a final EOS / stop-sequence token included.
+      stopped: bool[B] True when the row ended on EOS or a stop sequence/string, False when cut by the limit.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's new tokens, without the padding."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    rng: jax.Array,
+) -> SampleOutput:
+    """Sample continuations of `prompts` (token ids, lengths may differ) from the model `(graphdef, params)`.
+
+    Split the model once with `graphdef, params = nnx.split(model)` (after `model.materialize_head()` for a
+    tied embedding: the logits then read a `[D, V]` head) and pass both on every call.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    batch = next_power_of_two(len(prompts))
+    prompt_len = next_power_of_two(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
+    new_len = next_power_of_two(config.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    tokens = np.full((batch, prompt_len), config.pad_id, dtype=np.int32)
+    valid = np.zeros((batch, prompt_len), dtype=bool)
+    for b, prompt in enumerate(prompts):
+        tokens[b, prompt_len - len(prompt) :] = prompt
+        valid[b, prompt_len - len(prompt) :] = True
+    # Batch-padding rows hold one valid token (so no row attends nothing) and start done.
+    valid[len(prompts) :, -1] = True
+    done = np.arange(batch) >= len(prompts)
+
+    static = dataclasses.replace(config, max_new_tokens=new_len)
+    state = _prefill(graphdef, params, tokens, valid, done, rng, np.int32(config.max_new_tokens), config=static)
+    state = _decode(graphdef, params, state, config=static)
+    n = len(prompts)
+    lengths = np.asarray(state.lengths)[:n]
+    new_tokens = np.asarray(state.tokens)[:n, prompt_len : prompt_len + config.max_new_tokens]
+    last = new_tokens[np.arange(n), np.maximum(lengths - 1, 0)]
+    ended = _ends_with_stop(new_tokens, lengths, config)
+    return SampleOutput(
+        tokens=new_tokens,
+        logprobs=np.asarray(state.logprobs)[:n, : config.max_new_tokens],
+        lengths=lengths,
+        stopped=np.isin(last, config.eos_ids) | ended,
+    )
+
+
+def _ends_with_stop(tokens: np.ndarray, lengths: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    out = np.zeros(lengths.shape, dtype=bool)
+    for b, n in enumerate(lengths):
+        out[b] = any(n >= len(s) and tuple(tokens[b, n - len(s) : n]) == s for s in config.stop_sequences)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: SamplingConfig) -> SamplerState:
+    """Run the prompts [B, P] through the model into a fresh cache and sample the first new token."""
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = tokens.shape
+    size = prompt_len + config.max_new_tokens
+    positions = positions_from_mask(valid)
+    mask = jnp.pad(causal_mask(valid), ((0, 0), (0, 0), (0, config.max_new_tokens)))
+    cache = init_cache(model.config, batch, size)
+    logits, cache = model(
+        tokens, positions, mask, cache=cache, cache_index=jnp.int32(0), use_lora=config.use_lora
+    )
+    state = SamplerState(
+        tokens=jnp.pad(tokens, ((0, 0), (0, config.max_new_tokens)), constant_values=config.pad_id),
+        valid=jnp.pad(valid, ((0, 0), (0, config.max_new_tokens)), constant_values=True),
+        cursor=jnp.int32(prompt_len - 1),
+        positions=positions[:, -1],
+        cache=cache,
+        done=done,
+        lengths=jnp.zeros((batch,), jnp.int32),
+        logprobs=jnp.zeros((batch, config.max_new_tokens), jnp.float32),
+        rng=rng,
+        limit=limit,
+    )
+    return _append_sampled(state, logits[:, -1], config)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
+def _decode(graphdef, params, state: SamplerState, *, config: SamplingConfig) -> SamplerState:
+    """Decode one token per row per step until every row is done or `limit` tokens are out."""
+    model = nnx.merge(graphdef, params)
+    prompt_len = state.tokens.shape[1] - config.max_new_tokens
+    slots = jnp.arange(state.tokens.shape[1])
+
+    def running(s: SamplerState) -> jax.Array:
+        return ~jnp.all(s.done) & (s.cursor - prompt_len + 1 < s.limit)
+
+    def step(s: SamplerState) -> SamplerState:
+        token = jax.lax.dynamic_slice_in_dim(s.tokens, s.cursor, 1, axis=1)
+        mask = (s.valid & (slots <= s.cursor))[:, None, :]
+        logits, cache = model(
+            token, s.positions[:, None], mask, cache=s.cache, cache_index=s.cursor, use_lora=config.use_lora
+        )
+        return _append_sampled(dataclasses.replace(s, cache=cache), logits[:, 0], config)
+
+    return jax.lax.while_loop(running, step, state)
+
+
+def _append_sampled(state: SamplerState, logits: jax.Array, config: SamplingConfig) -> SamplerState:
+    """Sample a token per row from `logits` float32[B, V], write it after the cursor, update the flags."""
+    prompt_len = state.tokens.shape[1] - config.max_new_tokens
+    history = state.valid & (jnp.arange(state.tokens.shape[1]) <= state.cursor)
+    processed = logits.astype(jnp.float32)
+    if config.repetition_penalty != 1.0:
+        processed = repetition_penalty(processed, state.tokens, history, config.repetition_penalty)
+    if config.no_repeat_ngram_size:
+        processed = ban_repeated_ngrams(processed, state.tokens, history, state.cursor, config.no_repeat_ngram_size)
+    rng, key = jax.random.split(state.rng)
+    if config.is_greedy:
+        token = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    else:
+        filtered = filter_top_k_top_p(processed / config.temperature, config.top_k, config.top_p)
+        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], axis=-1)[:, 0]
+
+    active = ~state.done
+    token = jnp.where(active, token, config.pad_id)
+    index = state.cursor + 1
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], index, axis=1)
+    logprobs = jax.lax.dynamic_update_slice_in_dim(
+        state.logprobs, jnp.where(active, logprob, 0.0)[:, None], index - prompt_len, axis=1
+    )
+    lengths = state.lengths + active.astype(jnp.int32)
+    stop = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) if config.eos_ids else jnp.zeros_like(active)
+    for sequence in config.stop_sequences:
+        tail = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(index + 1 - len(sequence), 0), len(sequence), axis=1)
+        stop |= (lengths >= len(sequence)) & jnp.all(tail == jnp.asarray(sequence, jnp.int32), axis=-1)
+    return dataclasses.replace(
+        state,
+        tokens=tokens,
+        cursor=index,
+        positions=state.positions + 1,
+        done=state.done | (active & stop),
+        lengths=lengths,
+        logprobs=logprobs,
+        rng=rng,
+    )
+
+
+def repetition_penalty(logits: jax.Array, tokens: jax.Array, history: jax.Array, penalty: float) -> jax.Array:
+    """logits float32[B, V]; tokens int32[B, L]; history bool[B, L] marks the tokens seen so far.
+
+    As transformers (CTRL): a seen token's logit is divided by `penalty` when positive, multiplied when not.
+    """
+    vocab = logits.shape[-1]
+    seen = jnp.take_along_axis(logits, tokens, axis=-1)
+    penalized = jnp.where(seen > 0, seen / penalty, seen * penalty)
+    # Unseen slots scatter out of range and are dropped.
+    targets = jnp.where(history, tokens, vocab)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, targets].set(penalized, mode="drop")
+
+
+def ban_repeated_ngrams(
+    logits: jax.Array, tokens: jax.Array, history: jax.Array, cursor: jax.Array, n: int
+) -> jax.Array:
+    """Forbid every token that would complete an n-gram already in the history (transformers' rule).
+
+    logits float32[B, V]; tokens int32[B, L]; history bool[B, L] the tokens so far, a contiguous run per row
+    ending at buffer index `cursor` (left padding is not history).
+    """
+    starts = jnp.arange(tokens.shape[1])
+    # Start i holds an earlier n-gram when tokens[i : i + n] is all history.
+    match = history & (starts + n - 1 <= cursor)
+    if n > 1:
+        first = cursor - (n - 2)  # where the current (n - 1)-token prefix starts
+        prefix_in_history = (first >= 0) & jnp.take(history, jnp.maximum(first, 0), axis=1)
+        match &= prefix_in_history[:, None]
+        for j in range(n - 1):
+            current = jnp.take(tokens, jnp.maximum(first + j, 0), axis=1)
+            # i + j <= cursor < L for matching starts, so the roll never wraps into them.
+            match &= jnp.roll(tokens, -j, axis=1) == current[:, None]
+    completions = jnp.roll(tokens, -(n - 1), axis=1)
+    targets = jnp.where(match, completions, logits.shape[-1])
+    rows = jnp.arange(logits.shape[0])[:, None]
+    banned = jnp.zeros(logits.shape, bool).at[rows, targets].set(True, mode="drop")
+    return jnp.where(banned, -jnp.inf, logits)
+
+
+def filter_top_k_top_p(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """logits float32[B, V] with every token outside the top-k, then outside the top-p nucleus, set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p` (at least one).
+    """
+    if top_k == 0 and top_p >= 1.0:
+        return logits
+    # Only the k best need sorting when top-k is on: top-p then works within them.
+    ranked = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)
+    threshold = ranked[:, -1]
+    if top_p < 1.0:
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = jnp.sum(before < top_p, axis=-1)
+        threshold = jnp.take_along_axis(ranked, keep[:, None] - 1, axis=-1)[:, 0]
+    return jnp.where(logits < threshold[:, None], -jnp.inf, logits)
+
+
+def stop_sequences_for(tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Each stop string's tokenization on its own, for `SamplingConfig.stop_sequences` (an early stop; in
+    context a string may tokenize otherwise, which `truncate_at_stop_strings` catches)."""
+    return tuple(tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings)
+
+
+def truncate_at_stop_strings(
+    tokenizer: PreTrainedTokenizerBase, output: SampleOutput, stop_strings: Sequence[str], *, pad_id: int = 0
+) -> SampleOutput:
+    """Cut each row after the first token whose decoded text completes a stop string (which stays in)."""
+    tokens, logprobs = output.tokens.copy(), output.logprobs.copy()
+    lengths, stopped = output.lengths.copy(), output.stopped.copy()
+    for b, n in enumerate(output.lengths):
+        if not stop_strings or not _has_stop(tokenizer.decode(tokens[b, :n]), stop_strings):
+            continue
+        # The shortest prefix whose text contains a stop string (containment only grows with the prefix).
+        lo, hi = 1, int(n)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _has_stop(tokenizer.decode(tokens[b, :mid]), stop_strings) else (mid + 1, hi)
+        tokens[b, lo:] = pad_id
+        logprobs[b, lo:] = 0.0
+        lengths[b], stopped[b] = lo, True
+    return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=stopped)
+
+
+def decode_texts(
+    tokenizer: PreTrainedTokenizerBase, output: SampleOutput, stop_strings: Sequence[str] = ()
+) -> list[str]:
+    """Each row's text without special tokens, cut before the first stop string."""
+    texts = []
+    for sequence in output.sequences():
+        text = tokenizer.decode(sequence, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+        texts.append(text[:cut])
+    return texts
+
+
+def _has_stop(text: str, stop_strings: Sequence[str]) -> bool:
+    return any(s in text for s in stop_strings)
