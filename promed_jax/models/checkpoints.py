@@ -265,7 +265,7 @@ def build_model(
         )
 
     used = set()
-    for path, variable in base.flat_state():
+    for path, variable in nnx.to_flat_state(base):
         ours = _path_str(path)
         rule, key = _rule_for(key_map, ours)
         if key not in tensors:

@@ -67,7 +67,7 @@ class LoRA(nnx.Module):
 def merged_weights(model: nnx.Module) -> dict[str, jax.Array]:
     """The base parameters of `model` (flat path `layers.0.self_attn.q_proj.kernel` -> array) with every
     adapter folded into its kernel: `W + scale * A @ B`."""
-    flat = {".".join(map(str, path)): v[...] for path, v in nnx.state(model, nnx.Param).flat_state()}
+    flat = {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     merged = {k: v for k, v in flat.items() if ".lora." not in k}
     for key, a in flat.items():
         if key.endswith(".lora.a"):
@@ -80,11 +80,6 @@ def merged_weights(model: nnx.Module) -> dict[str, jax.Array]:
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """A copy of `model` without adapters whose kernels include them (same outputs as `use_lora=True`)."""
-    from promed_jax.models.transformer import Transformer
+    from promed_jax.models.transformer import from_weights
 
-    cfg = model.config.replace(lora_rank=0)
-    merged = merged_weights(model)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    for path, variable in state.flat_state():
-        variable.set_value(merged[".".join(map(str, path))])
-    return nnx.merge(graphdef, state)
+    return from_weights(model.config.replace(lora_rank=0), merged_weights(model))

@@ -14,7 +14,7 @@ while training keeps using the tied embedding.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -363,3 +363,15 @@ class Transformer(nnx.Module):
         x = self.norm(x)
         logits = jnp.dot(x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
         return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+
+
+def from_weights(cfg: ModelConfig, weights: Mapping[str, jax.Array]) -> Transformer:
+    """A model whose every variable comes from `weights` (flat path `layers.0.mlp.up_proj.kernel` -> array),
+    without random initialisation; for configs whose variables are all parameters (no LoRA dropout)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    for path, variable in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        if key not in weights:
+            raise KeyError(f"no weight for {key}")
+        variable.set_value(weights[key])
+    return nnx.merge(graphdef, state)
