@@ -164,11 +164,12 @@ def test_smollm2_batched_equals_separate_on_medqa(data_dir):
 
     case = next(c for c in load_cases(data_dir / "medqa_dev_convo.jsonl", on_error="skip") if 5 <= c.n_facts <= 8)
     model, tokenizer = load_model(ml_collections.ConfigDict({"kind": "gguf", "path": "", "dtype": "float32"}))
-    smol_game = game_lib.CoalitionGame(model, tokenizer, batch_size=8)
+    model.materialize_head()
+    smol_game = game_lib.CoalitionGame(model, tokenizer, batch_size=4)
     prompt = smol_game.prompt(case)
     rng = np.random.default_rng(0)
     coalitions = np.concatenate(
-        [np.zeros((1, case.n_facts), bool), np.ones((1, case.n_facts), bool), rng.random((6, case.n_facts)) < 0.5]
+        [np.zeros((1, case.n_facts), bool), np.ones((1, case.n_facts), bool), rng.random((2, case.n_facts)) < 0.5]
     )
     batched = smol_game.values(prompt, coalitions)
     separate = np.array([separate_value(model, prompt, c) for c in coalitions])

@@ -266,11 +266,11 @@ class CoalitionGame:
         return tail, targets, np.arange(slots) < a
 
     def _chunk(self, prompt: ValuePrompt, coalitions, body_lens, tail, targets, valid) -> np.ndarray:
-        k = len(coalitions)
+        k = len(coalitions)  # at most batch_size
         k_pad = self.min_batch
         while k_pad < k:
             k_pad *= 2
-        k_pad = min(k_pad, self.batch_size) if k <= self.batch_size else k_pad
+        k_pad = min(k_pad, self.batch_size)
         lb = length_bucket(int(body_lens.max()))
         body = np.full((k_pad, lb), self.pad_id, np.int32)
         question = prompt.question[:-1]
