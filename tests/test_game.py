@@ -4,20 +4,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from promed_jax import assets
 from promed_jax.data.cases import Case, load_cases
+from promed_jax.models.checkpoints import load_gguf
 from promed_jax.models.config import ModelConfig
 from promed_jax.models.transformer import Transformer, causal_mask
 from promed_jax.shapley import estimators as est
 from promed_jax.shapley import game as game_lib
 from promed_jax.sharding import make_mesh
 from promed_jax.text import prompts
-from promed_jax.text.tokenizer import build_tiny_tokenizer
+from promed_jax.text.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 EN_CASE = Case(
     id="test:en",
@@ -160,10 +160,9 @@ def test_bad_coalition_shape(game):
 def test_smollm2_batched_equals_separate_on_medqa(data_dir):
     if not assets.smollm2_available():
         pytest.skip("SmolLM2 package not installed")
-    from promed_jax.models.loader import load_model
-
     case = next(c for c in load_cases(data_dir / "medqa_dev_convo.jsonl", on_error="skip") if 5 <= c.n_facts <= 8)
-    model, tokenizer = load_model(ml_collections.ConfigDict({"kind": "gguf", "path": "", "dtype": "float32"}))
+    model = load_gguf(assets.smollm2_gguf_path())
+    tokenizer = load_tokenizer(assets.smollm2_gguf_path())
     model.materialize_head()
     smol_game = game_lib.CoalitionGame(model, tokenizer, batch_size=4)
     prompt = smol_game.prompt(case)
