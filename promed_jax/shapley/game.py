@@ -195,6 +195,15 @@ def _scores_without_reuse(graphdef, params, prefix, body, body_len, tail, target
     return _answer_logprob(logits[:, p + lb :], targets, valid)
 
 
+def _placed_on(params, mesh: Mesh) -> bool:
+    """Whether every array already lives on `mesh` (a model loaded under its logical shardings)."""
+    return all(
+        isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        for x in jax.tree.leaves(params)
+        if isinstance(x, jax.Array)
+    )
+
+
 class CoalitionGame:
     """Batched coalition values of one frozen model: `game.value_fn(case)(bool[K, n]) -> float32[K]`.
 
@@ -203,7 +212,8 @@ class CoalitionGame:
       tokenizer: its tokenizer.
       batch_size: coalitions per forward at most (chunks are padded to a power of two up to this).
       min_batch: the smallest chunk (a multiple of the mesh's data axis when sharded).
-      mesh: optional; the coalition axis is sharded over its `data` axis and the weights replicated.
+      mesh: optional; the coalition axis is sharded over its `data` axis; weights not yet on the mesh are
+        replicated over it (a model loaded with `load_model(..., mesh=mesh)` keeps its own shardings).
       reuse_prefix: compute the header once per case at [1, P] (True) or once per row (False, for tests).
     """
 
@@ -225,7 +235,7 @@ class CoalitionGame:
         self.min_batch = -(-max(min_batch, data) // data) * data
         self.batch_size = max(self.min_batch, -(-batch_size // data) * data)
         graphdef, params = nnx.split(model)
-        if mesh is not None:
+        if mesh is not None and not _placed_on(params, mesh):
             params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.params = params
         self._prefix_fn = jax.jit(functools.partial(_prefix_cache, graphdef))

@@ -23,6 +23,7 @@ from promed_jax import assets
 from promed_jax.data.cases import Case
 from promed_jax.data.sources import cases_from_config
 from promed_jax.io import JsonlWriter, atomic_write_bytes
+from promed_jax.models.loader import load_model
 from promed_jax.shapley import cache as cache_lib
 from promed_jax.shapley.estimators import MemoValue, choose_estimator
 from promed_jax.shapley.game import CoalitionGame
@@ -90,13 +91,11 @@ def _plot_path(workdir: str, case: Case) -> pathlib.Path:
 
 
 def _make_game(config) -> CoalitionGame:
-    from promed_jax.models.loader import load_model  # checkpoint and GGUF machinery: only when computing
-
-    model, tokenizer = load_model(config.model)
-    model.materialize_head()
     mesh = None
     if "data" in config.mesh.axis_names:
         mesh = make_mesh(config.mesh.shape, config.mesh.axis_names)
+    model, tokenizer = load_model(config.model, mesh=mesh)
+    model.materialize_head()
     return CoalitionGame(model, tokenizer, batch_size=config.shapley.batch_size, mesh=mesh)
 
 
