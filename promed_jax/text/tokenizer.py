@@ -6,6 +6,7 @@ Every tokenizer returned here is a transformers fast tokenizer with a chat templ
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import pathlib
@@ -61,7 +62,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        tokenizer = _load_gguf_tokenizer(str(path.resolve()))
+        # A copy: callers may change the tokenizer (padding side, template) without touching the cache.
+        tokenizer = copy.deepcopy(_load_gguf_tokenizer(str(path.resolve())))
     elif path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
@@ -77,7 +79,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 @functools.lru_cache(maxsize=4)
 def _load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    # Parsing GGUF metadata takes seconds (SmolLM2: ~8 s); tokenizers are not mutated after loading.
+    # Parsing GGUF metadata takes seconds (SmolLM2: ~8 s); the cached tokenizer is only ever copied.
     file = pathlib.Path(path)
     return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
 
