@@ -203,3 +203,18 @@ def test_bad_shapes_are_clear_errors(tiny):
         tiny(tokens, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4, 5), bool))
     with pytest.raises(ValueError, match="together"):
         tiny(tokens, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4, 4), bool), cache=init_cache(tiny.config, 1, 4))
+
+
+def test_load_model_tiny_from_the_base_config():
+    from configs.base import model_config
+    from promed_jax.models.loader import load_model
+
+    section = model_config()
+    model, tokenizer = load_model(section)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.lora_rank == section.lora_rank and model.config.num_layers == section.tiny.num_layers
+    ids = jnp.asarray([tokenizer("Do you have a fever?")["input_ids"]], jnp.int32)
+    valid = jnp.ones(ids.shape, bool)
+    assert np.isfinite(_ours(model, ids, positions_from_mask(valid), causal_mask(valid))).all()
+    with pytest.raises(ValueError, match="model.kind"):
+        load_model({**section.to_dict(), "kind": "onnx"})

@@ -167,6 +167,17 @@ class Projection(nnx.Module):
         return y
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention: q [B, T, KV, G, hd], k/v [B, S, KV, hd], mask bool [B, T, S] -> [B, T, KV, G, hd].
+
+    Scores and softmax in float32. A masked-out row (padding) gets uniform weights, never NaN.
+    """
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -234,15 +245,7 @@ class Attention(nnx.Module):
             kv_cache = (k, v)
         b, t, h, hd = q.shape
         q = q.reshape(b, t, h // self.groups, self.groups, hd)
-        scores = jnp.einsum(
-            "btkgd,bskd->bkgts",
-            q,
-            k.astype(q.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        scores = jnp.where(mask[:, None, None, :, :], scores * self.scale, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.scale).reshape(b, t, h, hd)
         return self.o_proj(out, use_lora), kv_cache
 
 
