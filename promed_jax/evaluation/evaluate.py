@@ -17,6 +17,7 @@ from absl import logging
 from promed_jax import io
 from promed_jax.backends import make_backend
 from promed_jax.backends.base import ChatBackend
+from promed_jax.consult import protocol
 from promed_jax.consult.patients import Patient, make_patient
 from promed_jax.consult.rollout import Dialogue, consult
 from promed_jax.data.cases import Case
@@ -70,7 +71,12 @@ def evaluate_mode(
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}; known: {', '.join(MODES)}")
     done = {r["id"]: r for r in io.resume_jsonl(path)}
-    todo = [c for c in cases if c.id not in done]
+    # Shortest first instruction first: a batch's prompts share one padded length bucket, so grouping similar
+    # lengths keeps a few long cases from padding every batch (greedy results do not depend on the batch).
+    todo = sorted(
+        (c for c in cases if c.id not in done),
+        key=lambda c: len(protocol.doctor_first_message(c, mode=mode, max_questions=max_questions)),
+    )
     if done:
         logging.info("eval %s: %d cases already in %s, %d to go", mode, len(cases) - len(todo), path, len(todo))
     encode = getattr(doctor, "encode", None)
