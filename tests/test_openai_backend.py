@@ -161,3 +161,18 @@ def test_server_down():
     backend = OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff_s=0.01)
     with pytest.raises(BackendError, match="cannot reach the server"):
         backend.chat([CONV])
+
+
+def test_make_backend_by_name(monkeypatch):
+    import ml_collections
+
+    from promed_jax.backends import make_backend
+
+    cfg = ml_collections.ConfigDict(
+        {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "PROMED_TEST_KEY", "timeout_s": 5, "max_retries": 1}
+    )
+    backend = make_backend("openai", cfg)
+    assert isinstance(backend, OpenAIBackend)
+    assert (backend.url, backend.timeout_s, backend.max_retries) == ("http://127.0.0.1:9/v1/chat/completions", 5.0, 1)
+    with pytest.raises(KeyError, match="unknown backend 'vllm'; known: local, openai"):
+        make_backend("vllm", cfg)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from promed_jax.backends import make_backend
 from promed_jax.backends.local import LocalBackend
 from promed_jax.consult import protocol
 from promed_jax.consult.patients import FactSelectPatient
@@ -24,7 +25,9 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def backend(tokenizer):
     model = Transformer(ModelConfig.tiny(vocab_size=len(tokenizer)), rngs=nnx.Rngs(0))
-    return LocalBackend.from_model(model, tokenizer, max_batch=8)
+    backend = make_backend("local", {"max_batch": 8, "seed": 0}, model=model, tokenizer=tokenizer)
+    assert isinstance(backend, LocalBackend)
+    return backend
 
 
 class MarkedDoctor:
