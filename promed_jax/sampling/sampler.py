@@ -245,7 +245,8 @@ def _append_sampled(state: SamplerState, logits: jax.Array, config: SamplingConf
     else:
         filtered = filter_top_k_top_p(processed / config.temperature, config.top_k, config.top_p)
         token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], axis=-1)[:, 0]
+    raw = logits.astype(jnp.float32)
+    logprob = jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
 
     active = ~state.done
     token = jnp.where(active, token, config.pad_id)
