@@ -218,3 +218,22 @@ def test_load_model_tiny_from_the_base_config():
     assert np.isfinite(_ours(model, ids, positions_from_mask(valid), causal_mask(valid))).all()
     with pytest.raises(ValueError, match="model.kind"):
         load_model({**section.to_dict(), "kind": "onnx"})
+
+
+def test_grown_prefix_cache_continues_like_the_full_forward(tiny):
+    """A one-row prefix cache, grown to two rows with free slots, then two different continuations."""
+    prefix = jnp.asarray(_batch(97, [6], 6, seed=7)[0])
+    tails = jnp.asarray(_batch(97, [4, 4], 4, seed=8)[0])
+    full_tokens = jnp.concatenate([jnp.broadcast_to(prefix, (2, 6)), tails], axis=1)
+    ones = jnp.ones((2, 10), bool)
+    full = _ours(tiny, full_tokens, positions_from_mask(ones), causal_mask(ones))
+    step = nnx.jit(lambda model, *args, cache, index: model(*args, cache=cache, cache_index=index))
+    positions = jnp.arange(10, dtype=jnp.int32)[None]
+    _, cache = step(
+        tiny, prefix, positions[:, :6], causal_mask(ones[:1, :6]), cache=init_cache(tiny.config, 1, 6), index=0
+    )
+    cache = cache.grow(2, 4)
+    assert cache.size == 10 and cache.k[0].shape[0] == 2
+    mask = jnp.broadcast_to(causal_mask(ones)[:, 6:], (2, 4, 10))
+    logits, _ = step(tiny, tails, jnp.broadcast_to(positions[:, 6:], (2, 4)), mask, cache=cache, index=jnp.int32(6))
+    np.testing.assert_allclose(np.asarray(logits), full[:, 6:], atol=1e-5)

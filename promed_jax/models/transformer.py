@@ -44,6 +44,17 @@ class KVCache:
     def size(self) -> int:
         return self.k[0].shape[1]
 
+    def grow(self, batch: int, extra_slots: int) -> KVCache:
+        """This cache broadcast to `batch` rows, with `extra_slots` empty slots appended: e.g. a shared prompt
+        prefix computed once for one row, then continued separately by every row. Use it rather than
+        reshaping the arrays yourself, so that the cache layout can change in one place."""
+
+        def grow_one(x: jax.Array) -> jax.Array:
+            x = jnp.broadcast_to(x, (batch, *x.shape[1:]))
+            return jnp.pad(x, ((0, 0), (0, extra_slots), (0, 0), (0, 0)))
+
+        return KVCache(k=tuple(map(grow_one, self.k)), v=tuple(map(grow_one, self.v)))
+
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: jnp.dtype | None = None) -> KVCache:
     """An all-zero cache of `size` slots per row."""
