@@ -6,8 +6,8 @@
     coalition evaluations as (a) used on that case; exact enumeration is the ground truth (n ≤ 10).
 
 Both compute the same v (promed.md §2: per-piece token ids, facts in original order), so the error columns
-measure only the estimators. Medians over cases; compile time (the first pass over every estimator on the
-first case) is reported apart; the load average is printed because the machine may be shared.
+measure only the estimators. Medians over cases; JAX compilation time (from jax.monitoring events) is
+subtracted from our times and reported apart; the load average is printed because the machine may be shared.
 
     python experiments/bench_shapley.py --cases 10        # the real run
     python experiments/bench_shapley.py --quick           # 2 five-fact cases, a smoke test
@@ -25,6 +25,7 @@ import time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import jax
 import numpy as np
 
 from promed_jax import assets, registry
@@ -73,18 +74,31 @@ def pick_cases(path: pathlib.Path, count: int, min_facts: int, max_facts: int) -
     return cases[:count]
 
 
+class CompileClock:
+    """Seconds JAX spent tracing, lowering and compiling, from its monitoring events."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
 
 
-def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, budget: int, seed: int):
-    """(φ, n_evals, seconds) of one estimator on a fresh memo (no values shared between estimators)."""
+def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, budget: int, seed: int, clock: CompileClock):
+    """(φ, n_evals, seconds without compilation) of one estimator on a fresh memo (nothing shared)."""
     memo = est.MemoValue(lambda c: game.values(prompt, c), prompt.n)
     options = dict(PAPER_TMC) if name == "tmc" else {"budget": budget}
+    compiled_before = clock.seconds
     (phi, n_evals), seconds = timed(registry.get(est.KIND, name), memo, prompt.n, key=seed, **options)
-    return phi, n_evals, seconds
+    return phi, n_evals, seconds - (clock.seconds - compiled_before)
 
 
 def main() -> None:
@@ -111,15 +125,12 @@ def main() -> None:
     game = CoalitionGame(model, tokenizer, batch_size=args.batch_size)
     torch_model = load_torch_smollm2()
 
-    # Compile: every estimator once on the first case (fills the jit caches for its shapes).
-    warm = game.prompt(cases[0])
-    _, compile_s = timed(lambda: [run_ours(game, warm, name, 64, args.seed) for name in OURS])
-    print(f"warm-up pass (compilation + one run of each estimator on case 1): {compile_s:.1f} s")
+    clock = CompileClock()
 
     rows = []
     for index, case in enumerate(cases):
         prompt = game.prompt(case)
-        exact_phi, exact_evals, exact_s = run_ours(game, prompt, "exact", 0, args.seed)
+        exact_phi, exact_evals, exact_s = run_ours(game, prompt, "exact", 0, args.seed, clock)
         norm = float(np.abs(exact_phi).sum())
         memo = est.MemoValue(torch_value_fn(torch_model, prompt), prompt.n)
         (paper_phi, paper_evals), paper_s = timed(
@@ -136,7 +147,7 @@ def main() -> None:
             "exact": (exact_s, exact_evals, 0.0),
         }
         for name in OURS[1:]:
-            phi, n_evals, seconds = run_ours(game, prompt, name, paper_evals, args.seed)
+            phi, n_evals, seconds = run_ours(game, prompt, name, paper_evals, args.seed, clock)
             row[name] = (seconds, n_evals, float(np.abs(phi - exact_phi).sum()))
         rows.append(row)
         print(
@@ -145,6 +156,7 @@ def main() -> None:
         )
 
     report(rows)
+    print(f"JAX compilation, all cases and estimators together (not in the times above): {clock.seconds:.1f} s")
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -95,7 +95,7 @@ def shapley_command(workdir, *overrides):
         "promed_jax.main",
         "--config=configs/shapley.py",
         f"--workdir={workdir}",
-        "--config.data.synthetic_n=120",
+        "--config.data.synthetic_n=60",
         *overrides,
     ]
 
@@ -111,7 +111,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if path.exists() and path.read_bytes().count(b"\n") >= 30:
+            if path.exists() and path.read_bytes().count(b"\n") >= 20:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
@@ -121,7 +121,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     partial = path.read_bytes().count(b"\n")
-    assert 30 <= partial < 120
+    assert 20 <= partial < 60
 
     resumed = subprocess.run(shapley_command(killed), cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -133,7 +133,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
     got = cache_lib.read_cache(path)
     want = cache_lib.read_cache(cache_lib.cache_path(uninterrupted, "synthetic"))
-    assert list(got) == list(want) and len(got) == 120
+    assert list(got) == list(want) and len(got) == 60
     for case_id, rec in want.items():
         assert got[case_id].estimator == rec.estimator and got[case_id].n_evals == rec.n_evals
         np.testing.assert_allclose(got[case_id].phi, rec.phi, atol=1e-6)
