@@ -102,6 +102,15 @@ def test_pieces_drop_exactly_a_facts_tokens(tokenizer):
     np.testing.assert_array_equal(full[start:], prompt.answer)
 
 
+def test_chunk_sizes():
+    assert game_lib.chunk_sizes(18, 4, 64) == [16, 2]
+    assert game_lib.chunk_sizes(128, 4, 64) == [64, 64]
+    assert game_lib.chunk_sizes(100, 8, 64) == [64, 32, 4]
+    assert game_lib.chunk_sizes(3, 4, 64) == [3]
+    assert game_lib.chunk_sizes(40, 8, 24) == [16, 16, 8]
+    assert game_lib.chunk_sizes(0, 4, 64) == []
+
+
 def test_length_buckets_are_few():
     buckets = {game_lib.length_bucket(n) for n in range(1, 513)}
     assert sorted(buckets) == [16, 32, 48, 64, 96, 128, 192, 256, 368, 512]

@@ -13,7 +13,8 @@ The header's keys and values are computed once at [1, P] and broadcast to the K 
 kept fact tokens are gathered into a short row instead of masking the dropped ones (less compute on CPU),
 and positions count only kept tokens, so each row sees exactly its own prompt. Only the last segment's
 logits are computed (the middle segment's logits are unused and compiled away). Rows are sorted by length
-and cut into chunks whose K and Lb are rounded up to a few buckets, so a dataset compiles a handful of times.
+and cut into chunks of power-of-two sizes whose Lb is rounded up to a few buckets, so a dataset compiles a
+handful of times.
 """
 
 from __future__ import annotations
@@ -102,6 +103,19 @@ def length_bucket(length: int, minimum: int = 16) -> int:
         k += 1
         bucket = int(-(-minimum * 2 ** (k / 2) // 16) * 16)
     return bucket
+
+
+def chunk_sizes(k: int, min_batch: int, batch_size: int) -> list[int]:
+    """Splits K rows into chunks of min_batch·2^j rows (at most batch_size), largest first, so that padding
+    to those shapes wastes little (18 rows: 16 + 2, not 32); only a last chunk under min_batch is padded."""
+    sizes = []
+    while k > 0:
+        size = min_batch
+        while size * 2 <= min(k, batch_size):
+            size *= 2
+        sizes.append(min(size, k))
+        k -= sizes[-1]
+    return sizes
 
 
 def _layout(prefix_len: int, body_len: jax.Array, body_slots: int, tail_slots: int):
@@ -261,9 +275,11 @@ class CoalitionGame:
         order = np.argsort(body_lens, kind="stable")
         tail, targets, valid = self._tail(prompt)
         out = np.empty(len(coalitions), np.float32)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        start = 0
+        for size in chunk_sizes(len(coalitions), self.min_batch, self.batch_size):
+            rows = order[start : start + size]
             out[rows] = self._chunk(prompt, coalitions[rows], body_lens[rows], tail, targets, valid)
+            start += size
         return out
 
     def _tail(self, prompt: ValuePrompt):
