@@ -111,6 +111,15 @@ def test_padding_invariance(split):
         np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[b], atol=1e-5)
 
 
+def test_chunked_prefill_equals_one_chunk(split):
+    """A 40-token prompt (bucket 64) prefilled 16 tokens at a time gives the same tokens and log-probs."""
+    prompts = [list(range(40, 80)), PROMPTS[1]]
+    whole = generate(*split, prompts, GREEDY, jax.random.key(0))
+    chunked = generate(*split, prompts, GREEDY, jax.random.key(0), prefill_chunk=16)
+    assert chunked.tokens.tolist() == whole.tokens.tolist()
+    np.testing.assert_allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
+
+
 def test_top_k_one_and_tiny_top_p_equal_greedy(split):
     greedy = generate(*split, PROMPTS, GREEDY, jax.random.key(0))
     for changes in ({"top_k": 1}, {"top_p": 1e-6}):

@@ -4,7 +4,8 @@ static-size KV cache, with the sampler state donated from one to the other.
 Layout: prompts are LEFT-padded to a common length P, so every row writes its next token to the same
 buffer index and cache slot (`cursor`); the token buffer and the KV cache have L = P + N slots for N new
 tokens, and buffer index == cache slot. Batch, P and N are rounded up to powers of two, so calls with other
-sizes reuse the compiled functions.
+sizes reuse the compiled functions. The prefill runs the prompt through the cache in chunks (512 tokens by
+default) and keeps only the last position's logits, so an 8k-token dialogue never holds [B, 8k, V] logits.
 
 Per step the logits of the last token are processed in the order transformers' `generate` uses: repetition
 penalty and no-repeat n-gram ban (both over prompt and generated tokens), then temperature, top-k, top-p;
@@ -28,10 +29,11 @@ import numpy as np
 from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
-from promed_jax.models.transformer import KVCache, causal_mask, init_cache, positions_from_mask
+from promed_jax.models.transformer import KVCache, init_cache, positions_from_mask
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
+PREFILL_CHUNK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +141,14 @@ def generate(
     prompts: Sequence[Sequence[int]],
     config: SamplingConfig,
     rng: jax.Array,
+    *,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> SampleOutput:
     """Sample continuations of `prompts` (token ids, lengths may differ) from the model `(graphdef, params)`.
 
     Split the model once with `graphdef, params = nnx.split(model)` (after `model.materialize_head()` for a
-    tied embedding: the logits then read a `[D, V]` head) and pass both on every call.
+    tied embedding: the logits then read a `[D, V]` head) and pass both on every call. `prefill_chunk` (a
+    power of two) bounds the prefill's logits to [B, prefill_chunk, V].
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -160,7 +165,9 @@ def generate(
     done = np.arange(batch) >= len(prompts)
 
     static = dataclasses.replace(config, max_new_tokens=new_len)
-    state = _prefill(graphdef, params, tokens, valid, done, rng, np.int32(config.max_new_tokens), config=static)
+    chunk = min(prompt_len, next_power_of_two(prefill_chunk))
+    limit = np.int32(config.max_new_tokens)
+    state = _prefill(graphdef, params, tokens, valid, done, rng, limit, config=static, chunk=chunk)
     state = _decode(graphdef, params, state, config=static)
     n = len(prompts)
     lengths = np.asarray(state.lengths)[:n]
@@ -182,18 +189,36 @@ def _ends_with_stop(tokens: np.ndarray, lengths: np.ndarray, config: SamplingCon
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: SamplingConfig) -> SamplerState:
-    """Run the prompts [B, P] through the model into a fresh cache and sample the first new token."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"))
+def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: SamplingConfig, chunk: int) -> SamplerState:
+    """Run the prompts [B, P] through the model into a fresh cache, `chunk` tokens at a time (only the last
+    position's logits are kept, so memory holds [B, chunk, V] logits, not [B, P, V]); sample the first token."""
     model = nnx.merge(graphdef, params)
     batch, prompt_len = tokens.shape
     size = prompt_len + config.max_new_tokens
     positions = positions_from_mask(valid)
-    mask = jnp.pad(causal_mask(valid), ((0, 0), (0, 0), (0, config.max_new_tokens)))
-    cache = init_cache(model.config, batch, size)
-    logits, cache = model(
-        tokens, positions, mask, cache=cache, cache_index=jnp.int32(0), use_lora=config.use_lora
-    )
+    slot_valid = jnp.pad(valid, ((0, 0), (0, config.max_new_tokens)))
+    slots = jnp.arange(size)
+
+    def prefill_chunk(c, carry):
+        cache, _ = carry
+        start = c * chunk
+        queries = start + jnp.arange(chunk)
+        query_valid = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)
+        # As `causal_mask`, over all cache slots: valid queries attend valid slots at or before them.
+        mask = (slots[None, :] <= queries[:, None])[None] & slot_valid[:, None, :] & query_valid[:, :, None]
+        logits, cache = model(
+            jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1),
+            jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1),
+            mask,
+            cache=cache,
+            cache_index=start,
+            use_lora=config.use_lora,
+        )
+        return cache, logits[:, -1]
+
+    empty = (init_cache(model.config, batch, size), jnp.zeros((batch, model.config.vocab_size), jnp.float32))
+    cache, last_logits = jax.lax.fori_loop(0, prompt_len // chunk, prefill_chunk, empty)
     state = SamplerState(
         tokens=jnp.pad(tokens, ((0, 0), (0, config.max_new_tokens)), constant_values=config.pad_id),
         valid=jnp.pad(valid, ((0, 0), (0, config.max_new_tokens)), constant_values=True),
@@ -206,7 +231,7 @@ def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: Sampl
         rng=rng,
         limit=limit,
     )
-    return _append_sampled(state, logits[:, -1], config)
+    return _append_sampled(state, last_logits, config)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
