@@ -13,6 +13,7 @@ import pytest
 from configs import shapley as shapley_config
 from promed_jax.shapley import cache as cache_lib
 from promed_jax.shapley import run as run_lib
+from promed_jax.shapley.weights import shapley_weights
 from promed_jax.text.prompts import SHAPLEY_PROMPT_VERSION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ def record(case_id="synthetic:0", n=2, model="tiny:seed0", version=SHAPLEY_PROMP
         id=case_id,
         n=n,
         phi=tuple(np.linspace(-1, 1, n)),
-        w=tuple(np.full(n, 1 / n)),
+        w=tuple(shapley_weights(np.linspace(-1, 1, n))),
         estimator="exact",
         n_evals=2**n,
         model=model,
@@ -43,7 +44,10 @@ def test_cache_round_trip_and_torn_line(tmp_path):
     assert set(json.loads(lines[0])) == set(cache_lib.FIELDS)
     assert path.read_text().endswith("}\n")  # the torn line is gone
     w = cache_lib.load_weights(tmp_path, "synthetic", ["synthetic:2"], prompt_version=SHAPLEY_PROMPT_VERSION)
-    np.testing.assert_allclose(w["synthetic:2"], [0.5, 0.5])
+    np.testing.assert_allclose(w["synthetic:2"], shapley_weights(np.array([-1.0, 1.0])))
+    assert w["synthetic:2"][1] > 0.6
+    uniform = cache_lib.load_weights(tmp_path, "synthetic", ["synthetic:2"], weighting="uniform")
+    np.testing.assert_allclose(uniform["synthetic:2"], [0.5, 0.5])
     with pytest.raises(KeyError, match="no Shapley record for case synthetic:9"):
         cache_lib.load_weights(tmp_path, "synthetic", ["synthetic:9"])
 

@@ -93,9 +93,20 @@ def check_compatible(records: Iterable[ShapleyRecord], *, model: str, prompt_ver
 
 
 def load_weights(
-    workdir: str | os.PathLike, source: str, ids: Iterable[str], *, prompt_version: str | None = None
+    workdir: str | os.PathLike,
+    source: str,
+    ids: Iterable[str],
+    *,
+    prompt_version: str | None = None,
+    weighting: str = "shapley",
 ) -> dict[str, np.ndarray]:
-    """Fact weights w (float64[n]) of the given cases; a case missing from the cache is an error."""
+    """Fact weights w (float64[n]) of the given cases; a case missing from the cache is an error.
+
+    `weighting='uniform'` gives 1/n per fact instead (the paper's "no Shapley weighting" ablation), still
+    requiring the cache so that both arms run on the same cases.
+    """
+    if weighting not in ("shapley", "uniform"):
+        raise ValueError(f"weighting must be 'shapley' or 'uniform', got {weighting!r}")
     path = cache_path(workdir, source)
     records = read_cache(path)
     out = {}
@@ -107,5 +118,5 @@ def load_weights(
             raise ValueError(
                 f"{path}: case {case_id} has prompt version {record.prompt_version}, want {prompt_version}"
             )
-        out[case_id] = np.asarray(record.w, dtype=np.float64)
+        out[case_id] = np.full(record.n, 1.0 / record.n) if weighting == "uniform" else np.asarray(record.w)
     return out
