@@ -147,25 +147,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write `tensors` (C order) as one safetensors file, atomically."""
+    """Write `tensors` as one safetensors file, atomically, streaming one tensor at a time (no second copy
+    of the model in memory)."""
     names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset, blobs = 0, []
+    offset = 0
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
         if array.dtype not in names:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {array.dtype}")
-        blob = array.tobytes()
         header[name] = {
             "dtype": names[array.dtype],
             "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "data_offsets": [offset, offset + array.nbytes],
         }
-        offset += len(blob)
-        blobs.append(blob)
+        offset += array.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
-    io.atomic_write_bytes(path, struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # bytes: memoryview lacks bf16
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_hf_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
