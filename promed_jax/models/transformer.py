@@ -60,8 +60,11 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, dtype: jnp.dtype | None 
     """An all-zero cache of `size` slots per row."""
     shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
     dtype = cfg.compute_dtype if dtype is None else dtype
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+    def zeros() -> tuple[jax.Array, ...]:  # distinct buffers, so that the cache can be donated
+        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+
+    return KVCache(k=zeros(), v=zeros())
 
 
 def causal_mask(valid: jax.Array) -> jax.Array:
