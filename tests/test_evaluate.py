@@ -71,7 +71,7 @@ class CountingDoctor:
         return out
 
 
-def _evaluate(cases, path, doctor, mode="proactive"):
+def _evaluate(cases, path, doctor, mode="proactive", model="scripted"):
     return evaluate_mode(
         cases,
         doctor,
@@ -82,7 +82,7 @@ def _evaluate(cases, path, doctor, mode="proactive"):
         max_questions=10,
         max_new_tokens=8,
         temperature=0.0,
-        model="scripted",
+        model=model,
         patient_name="fact_select",
     )
 
@@ -161,3 +161,11 @@ def test_sigkill_half_way_then_resume_equals_uninterrupted(tmp_path):
         assert sorted(after) == ref
     assert (out / "summary.md").read_text() == (ref_dir / "eval" / "default" / "summary.md").read_text()
     assert (out / "accuracy_vs_questions.png").exists()
+
+
+def test_resume_refuses_another_runs_lines(tmp_path):
+    cases = synthetic.make_cases(3, seed=2)
+    path = tmp_path / "run.jsonl"
+    _evaluate(cases[:2], path, CountingDoctor(), model="tiny:default")
+    with pytest.raises(ValueError, match="written with .*'model': 'tiny:default'.* choose another eval.run"):
+        _evaluate(cases, path, CountingDoctor(), model="gguf:default")

@@ -45,7 +45,7 @@ def record(d: Dialogue, *, mode: str, model: str, patient: str) -> dict:
         "turns": [{"role": m["role"], "content": m["content"]} for m in d.messages[1:]],
         "model": model,
         "patient": patient,
-        "prompt_version": f"{prompts.DOCTOR_PROMPT_VERSION}/{prompts.PATIENT_PROMPT_VERSION}",
+        "prompt_version": _prompt_version(),
     }
 
 
@@ -71,6 +71,7 @@ def evaluate_mode(
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}; known: {', '.join(MODES)}")
     done = {r["id"]: r for r in io.resume_jsonl(path)}
+    _check_compatible(path, done.values(), model=model, patient=patient_name)
     # Shortest first instruction first: a batch's prompts share one padded length bucket, so grouping similar
     # lengths keeps a few long cases from padding every batch (greedy results do not depend on the batch).
     todo = sorted(
@@ -104,6 +105,22 @@ def evaluate_mode(
                 "eval %s: %d/%d cases (%.0fs)", mode, start + len(batch), len(todo), time.monotonic() - t0
             )
     return [done[c.id] for c in cases]
+
+
+def _check_compatible(path, records, *, model: str, patient: str) -> None:
+    """Resuming must not mix runs: every existing line has this run's model, patient and prompt versions."""
+    want = {"model": model, "patient": patient, "prompt_version": _prompt_version()}
+    for r in records:
+        got = {k: r.get(k) for k in want}
+        if got != want:
+            raise ValueError(
+                f"{path}: the line of case {r.get('id')} was written with {got}, this run is {want}; "
+                "choose another eval.run or remove the file"
+            )
+
+
+def _prompt_version() -> str:
+    return f"{prompts.DOCTOR_PROMPT_VERSION}/{prompts.PATIENT_PROMPT_VERSION}"
 
 
 def model_name(model_cfg) -> str:
