@@ -170,23 +170,12 @@ def generate(
     state = _prefill(graphdef, params, tokens, valid, done, rng, limit, config=static, chunk=chunk)
     state = _decode(graphdef, params, state, config=static)
     n = len(prompts)
-    lengths = np.asarray(state.lengths)[:n]
-    new_tokens = np.asarray(state.tokens)[:n, prompt_len : prompt_len + config.max_new_tokens]
-    last = new_tokens[np.arange(n), np.maximum(lengths - 1, 0)]
-    ended = _ends_with_stop(new_tokens, lengths, config)
     return SampleOutput(
-        tokens=new_tokens,
+        tokens=np.asarray(state.tokens)[:n, prompt_len : prompt_len + config.max_new_tokens],
         logprobs=np.asarray(state.logprobs)[:n, : config.max_new_tokens],
-        lengths=lengths,
-        stopped=np.isin(last, config.eos_ids) | ended,
+        lengths=np.asarray(state.lengths)[:n],
+        stopped=np.asarray(state.done)[:n],  # a real row is only ever done by a stop, never by the limit
     )
-
-
-def _ends_with_stop(tokens: np.ndarray, lengths: np.ndarray, config: SamplingConfig) -> np.ndarray:
-    out = np.zeros(lengths.shape, dtype=bool)
-    for b, n in enumerate(lengths):
-        out[b] = any(n >= len(s) and tuple(tokens[b, n - len(s) : n]) == s for s in config.stop_sequences)
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"))
