@@ -235,7 +235,7 @@ def test_no_repeat_ngram_matches_transformers(processor_inputs, n):
     np.testing.assert_array_equal(np.asarray(got), expected)
 
 
-@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.8), (10, 0.6), (0, 0.05)])
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.8), (10, 0.6), (0, 0.05), (100, 0.9)])
 def test_top_k_top_p_match_transformers(processor_inputs, top_k, top_p):
     torch = pytest.importorskip("torch")
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper

@@ -334,6 +334,7 @@ def filter_top_k_top_p(logits: jax.Array, top_k: int, top_p: float) -> jax.Array
     if top_k == 0 and top_p >= 1.0:
         return logits
     # Only the k best need sorting when top-k is on: top-p then works within them.
+    top_k = min(top_k, logits.shape[-1])
     ranked = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)
     threshold = ranked[:, -1]
     if top_p < 1.0:
