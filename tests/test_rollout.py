@@ -125,3 +125,33 @@ def test_token_budget(backend, tokenizer, cases):
     out = rollout(cases[1:], doctor, FactSelectPatient(), tokenizer, samples=1, max_new_tokens=MAX_NEW, max_dialogue_tokens=1)
     (d,) = out.dialogues
     assert d.end == protocol.END_LENGTH and len(d.messages) == 1 and not d.correct
+
+
+class ScriptedDoctor:
+    """Replies with fixed texts, in order, whatever the conversation (no model)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def chat(self, conversations, *, max_tokens=256, temperature=0.0, stop=()):
+        return [self.text for _ in conversations]
+
+
+@pytest.mark.parametrize("mode", ["reactive", "full"])
+def test_markerless_turn_is_the_answer_when_no_question_is_allowed(mode):
+    from promed_jax.consult.rollout import consult
+
+    case = synthetic.make_cases(1, seed=3)[0]
+    gold = case.answer[0]
+    reply = f"Given the findings, the correct answer is {gold}: {case.options[gold]}."
+    (d,) = consult([case], ScriptedDoctor(reply), FactSelectPatient(), mode=mode)
+    assert d.letters == (gold,) and d.correct and d.end == protocol.END_ANSWER
+
+
+def test_markerless_turn_is_no_answer_when_asking_is_allowed():
+    from promed_jax.consult.rollout import consult
+
+    case = synthetic.make_cases(1, seed=3)[0]
+    gold = case.answer[0]
+    (d,) = consult([case], ScriptedDoctor(f"the correct answer is {gold}"), FactSelectPatient(), mode="proactive")
+    assert d.letters == () and not d.correct and d.end == protocol.END_NO_MARKER

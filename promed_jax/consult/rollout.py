@@ -135,7 +135,8 @@ def consult(
 ) -> list[Dialogue]:
     """Runs `samples` consultations per case to the end, all live dialogues batched per round.
 
-    `reactive` and `full` modes allow no question (a question ends the dialogue unanswered). With
+    `reactive` and `full` modes allow no question (a question ends the dialogue unanswered), and a turn with
+    neither marker is read as the answer (extraction as in promed.md §1). With
     `max_dialogue_tokens > 0` and `count_tokens` (the rendered length of a message list), a dialogue whose
     next doctor turn could overflow the budget ends with `END_LENGTH`.
     """
@@ -161,6 +162,10 @@ def consult(
         for d, text in zip(running, replies, strict=True):
             d.messages.append({"role": "assistant", "content": text})
             turn = protocol.parse_doctor_turn(text, d.case.options)
+            if limit == 0 and turn.reason == protocol.END_NO_MARKER:
+                # No question is allowed in this mode, so the turn can only be the answer: read it as one
+                # (reactive and full-information baselines measure knowledge, not the turn format).
+                turn = protocol.DoctorTurn(kind=protocol.ANSWER, letters=protocol.extract_answer(text, d.case.options))
             if turn.kind == protocol.ANSWER:
                 d.revealed.append(())
                 d.finish(protocol.END_ANSWER, turn.letters)
