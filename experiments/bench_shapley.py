@@ -9,7 +9,7 @@ Both compute the same v (promed.md §2: per-piece token ids, facts in original o
 measure only the estimators. Medians over cases; JAX compilation time (from jax.monitoring events) is
 subtracted from our times and reported apart; the load average is printed because the machine may be shared.
 
-    python experiments/bench_shapley.py --cases 10        # the real run
+    python experiments/bench_shapley.py --cases 6         # the real run (about 15-20 min on 2 idle cores)
     python experiments/bench_shapley.py --quick           # 2 five-fact cases, a smoke test
 """
 
@@ -103,7 +103,7 @@ def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, budget: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="2 five-fact cases: a smoke test")
     parser.add_argument("--data", type=pathlib.Path, default=DATA)
     parser.add_argument("--min-facts", type=int, default=5)
