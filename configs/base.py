@@ -86,8 +86,10 @@ def backend_config() -> ml_collections.ConfigDict:
 
 def shapley_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # used above exact_max_n: 'tmc' (paper) | 'kernel_shap' | 'antithetic' | 'permutation' (promed_jax.shapley)
-    c.estimator = "tmc"
+    # used above exact_max_n: 'antithetic' | 'kernel_shap' | 'tmc' (paper) | 'permutation' (promed_jax.shapley).
+    # Antithetic: on SmolLM2/MedQA ~3x lower L1 error than tmc at equal evaluations; on smooth games with
+    # 12-30 players it beat tmc and kernel_shap at 256 evaluations (kernel_shap degrades at n=30).
+    c.estimator = "antithetic"
     c.exact_max_n = 10  # exact enumeration up to this many facts (our decision, promed.md §2)
     c.budget = 256  # distinct coalitions for kernel_shap / antithetic / permutation (tmc: its own stopping rules)
     c.min_permutations = 3  # paper: truncated Monte-Carlo, at least 3 permutations
