@@ -198,9 +198,13 @@ def test_main_job_runs_what_exists_and_names_the_missing_stages(tmp_path):
     result = run_main("--config=configs/rl.py", "--config.data.synthetic_n=4", f"--workdir={tmp_path}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| synthetic | en | 4 | 4: 4 |" in result.stdout
-    missing = [line for line in result.stdout.splitlines() if line.startswith("pipeline: stages still missing: ")]
+    prefix = "pipeline: stages still missing: "
+    missing = [line for line in result.stdout.splitlines() if line.startswith(prefix)]
     assert len(missing) == 1
-    assert {"mcts", "sft", "rl"} <= set(missing[0].split(": ", 1)[1].split(", "))
+    assert set(missing[0].removeprefix(prefix).split(", ")) == {"mcts", "sft", "rl"}
+    # the stages that exist ran and wrote their outputs
+    assert (tmp_path / "shapley" / "synthetic.jsonl").is_file()
+    assert list((tmp_path / "eval").glob("*/summary.md"))
 
 
 # --- sweeps ----------------------------------------------------------------------------------------------------------
