@@ -100,7 +100,7 @@ def shapley_config() -> ml_collections.ConfigDict:
     c.tau = 2.0  # paper: w = softmax(phi / tau)
     c.weighting = "shapley"  # 'shapley' (paper) | 'uniform' (ablation: no Shapley weighting)
     c.sig_mode = "exact"  # 'exact' (facts revealed verbatim) | 'paper' (understanding LLM + judge)
-    c.batch_size = 64  # coalitions per forward (at most; chunks round up to powers of two)
+    c.batch_size = 16  # coalitions per forward (at most; chunks round up to powers of two); 16 pads least on CPU
     c.seed = 0
     c.plot = False  # write a per-case bar chart of fact weights
     return c

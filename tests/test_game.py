@@ -113,7 +113,8 @@ def test_chunk_sizes():
 
 def test_length_buckets_are_few():
     buckets = {game_lib.length_bucket(n) for n in range(1, 513)}
-    assert sorted(buckets) == [16, 32, 48, 64, 96, 128, 192, 256, 368, 512]
+    assert sorted(buckets) == [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 368, 432, 512]
+    assert all(game_lib.length_bucket(n) <= max(16, 1.2 * n + 16) for n in range(1, 2000))
     assert all(game_lib.length_bucket(n) >= n for n in range(1, 2000))
 
 
