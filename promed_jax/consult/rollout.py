@@ -94,9 +94,13 @@ class _Live:
     sample: int
     messages: list[Message]
     revealed: list[tuple[int, ...] | None]
-    n_questions: int = 0
+    history: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (question, reply) pairs so far
     letters: tuple[str, ...] = ()
     end: str = ""
+
+    @property
+    def n_questions(self) -> int:
+        return len(self.history)
 
     def finish(self, end: str, letters: tuple[str, ...] = ()) -> None:
         self.end, self.letters = end, letters
@@ -178,23 +182,13 @@ def consult(
             else:
                 asking.append((d, turn.question))
         if asking:
-            requests = [PatientRequest(case=d.case, question=q, history=_history(d)) for d, q in asking]
-            for (d, _), reply in zip(asking, patient.reply(requests), strict=True):
+            requests = [PatientRequest(case=d.case, question=q, history=tuple(d.history)) for d, q in asking]
+            for (d, question), reply in zip(asking, patient.reply(requests), strict=True):
                 d.messages.append({"role": "user", "content": reply.text})
+                d.history.append((question, reply.text))
                 d.revealed.append(reply.facts)
-                d.n_questions += 1
         running = [d for d in running if not d.end]
     return [d.frozen() for d in live]
-
-
-def _history(d: _Live) -> tuple[tuple[str, str], ...]:
-    """Earlier (question, reply) pairs of a live dialogue, for an LLM patient that needs the conversation."""
-    pairs = []
-    msgs = d.messages[1:-1]  # drop the instruction and the current question
-    for doc, pat in zip(msgs[0::2], msgs[1::2], strict=False):
-        turn = protocol.parse_doctor_turn(doc["content"], d.case.options)
-        pairs.append((turn.question, pat["content"]))
-    return tuple(pairs)
 
 
 def to_rollout(dialogues: Sequence[Dialogue], tokenizer, *, pad_to_multiple: int = 64) -> Rollout:
