@@ -67,7 +67,7 @@ def _is_ours(error: ModuleNotFoundError) -> bool:
 
 
 def _unbuilt(error: ModuleNotFoundError, module_name: str) -> str:
-    if module_name.startswith(error.name):
+    if module_name == error.name or module_name.startswith(f"{error.name}."):
         return f"module {module_name} is not built yet (later issue)"
     return f"needs {error.name}, which is not built yet (later issue)"
 
@@ -79,7 +79,7 @@ def run_stage(mode: str, config, workdir: str) -> None:
         stage(config, workdir)
     except ModuleNotFoundError as e:
         if _is_ours(e):
-            raise StageMissing(f"mode {mode!r}: {_unbuilt(e, STAGES[mode])}") from None
+            raise StageMissing(f"mode {mode!r}: {_unbuilt(e, STAGES[mode].partition(':')[0])}") from None
         raise
 
 

@@ -122,6 +122,17 @@ def test_dispatch_table():
         main.resolve_stage("train")
 
 
+def test_missing_module_is_named_by_dotted_path():
+    def unbuilt(name):
+        return main._unbuilt(ModuleNotFoundError(name=name), "promed_jax.evaluation.evaluate")
+
+    assert unbuilt("promed_jax.evaluation") == "module promed_jax.evaluation.evaluate is not built yet (later issue)"
+    assert unbuilt("promed_jax.evaluation.evaluate") == (
+        "module promed_jax.evaluation.evaluate is not built yet (later issue)"
+    )
+    assert unbuilt("promed_jax.evaluation.eval") == "needs promed_jax.evaluation.eval, which is not built yet (later issue)"
+
+
 # --- the command line (subprocess) ------------------------------------------------------------------------------
 
 
