@@ -155,3 +155,26 @@ def test_markerless_turn_is_no_answer_when_asking_is_allowed():
     gold = case.answer[0]
     (d,) = consult([case], ScriptedDoctor(f"the correct answer is {gold}"), FactSelectPatient(), mode="proactive")
     assert d.letters == () and not d.correct and d.end == protocol.END_NO_MARKER
+
+
+def test_patient_sees_the_earlier_questions_and_replies():
+    from promed_jax.consult.patients import PatientReply
+    from promed_jax.consult.rollout import consult
+
+    class RecordingPatient:
+        def __init__(self):
+            self.requests = []
+
+        def reply(self, requests):
+            self.requests += requests
+            return [PatientReply(text=f"reply {len(r.history)}", facts=None) for r in requests]
+
+    case = synthetic.make_cases(1, seed=3)[0]
+    patient = RecordingPatient()
+    (d,) = consult([case], ScriptedDoctor("question: Any fever?\nand more"), patient, max_questions=3)
+    assert [r.history for r in patient.requests] == [
+        (),
+        (("Any fever?", "reply 0"),),
+        (("Any fever?", "reply 0"), ("Any fever?", "reply 1")),
+    ]
+    assert d.n_questions == 3 and d.end == protocol.END_QUESTION_LIMIT
