@@ -95,20 +95,16 @@ def resume_jsonl(path: str | os.PathLike) -> list[dict]:
     data = path.read_bytes()
     records: list[dict] = []
     good_end = 0
-    lines = data.split(b"\n")
-    for lineno, raw in enumerate(lines, start=1):
-        is_last = lineno == len(lines)
-        if is_last and raw == b"":
-            break
+    # Every piece but the last ended with a newline; the last (b"" after a final newline) was written half-way.
+    *complete, _ = lines = data.split(b"\n")
+    for lineno, raw in enumerate(complete, start=1):
         try:
-            if is_last:  # no trailing newline: written half-way
-                raise ValueError("no newline")
             records.append(json.loads(raw.decode("utf-8")))
-            good_end += len(raw) + 1
         except ValueError as e:
-            if is_last or (lineno == len(lines) - 1 and lines[-1] == b""):
+            if lineno == len(complete) and not lines[-1]:
                 break
             raise ValueError(f"{path}: line {lineno} is not valid JSON ({e}); the file is corrupt") from None
+        good_end += len(raw) + 1
     if good_end != len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
