@@ -141,6 +141,10 @@ def test_make_patient_by_name():
     with pytest.raises(ValueError, match="needs a chat backend"):
         PT.make_patient(cfg)
     assert isinstance(PT.make_patient(cfg, _RecordingBackend()), PT.LLMPatient)
+    cfg.kind = "openai"
+    with pytest.raises(ValueError, match="'openai' needs the OpenAI-compatible backend"):
+        PT.make_patient(cfg)
+    assert isinstance(PT.make_patient(cfg, _RecordingBackend()), PT.LLMPatient)
     cfg.kind = "psychic"
     with pytest.raises(KeyError, match="unknown patient 'psychic'"):
         PT.make_patient(cfg)

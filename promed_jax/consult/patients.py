@@ -191,17 +191,15 @@ def _fact_select(cfg, backend: ChatBackend | None = None) -> Patient:
     return FactSelectPatient(threshold=cfg.get("threshold", 0.5), max_facts=cfg.get("max_facts", 2))
 
 
+# The two LLM patient kinds differ only in the backend their caller builds.
+_LLM_BACKENDS = {"llm": "a chat backend (our model)", "openai": "the OpenAI-compatible backend (from config.backend)"}
+
+
 @registry.register("patient", "llm")
+@registry.register("patient", "openai")
 def _llm(cfg, backend: ChatBackend | None = None) -> Patient:
     if backend is None:
-        raise ValueError("patient kind 'llm' needs a chat backend (our model); none was given")
-    return LLMPatient(backend=backend, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-
-
-@registry.register("patient", "openai")
-def _openai(cfg, backend: ChatBackend | None = None) -> Patient:
-    if backend is None:
-        raise ValueError("patient kind 'openai' needs the OpenAI-compatible backend; build it from config.backend")
+        raise ValueError(f"patient kind {cfg.kind!r} needs {_LLM_BACKENDS[cfg.kind]}; none was given")
     return LLMPatient(backend=backend, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
 
 
