@@ -246,22 +246,16 @@ def _parse_record(record: dict, fmt: str, policy: str, source: str) -> tuple[Cas
     """One validated Case and the numbers of empty padding options and facts dropped; raises _RecordError."""
     original_id = _record_id(record)
     language = LANGUAGE[fmt]
-    if fmt == "cmb":
-        options, n_padding = _options(record, "option", drop_padding=True)
-        answer = _answer(record, "answer", record["option"], options)
-        question = _text(record, "atomic_question")
-        facts, facts_padding = _plain_facts(_string_list(record, "facts"), "facts")
-        facts_field = "facts"
+    options_field, answer_field = ("option", "answer") if fmt == "cmb" else ("options", "answer_idx")
+    options, n_padding = _options(record, options_field, drop_padding=fmt == "cmb")
+    answer = _answer(record, answer_field, record[options_field], options)
+    question = _text(record, "question" if fmt == "mediq" else "atomic_question")
+    if fmt == "mediq":
+        facts_field = "atomic_facts" if "atomic_facts" in record else "facts"
+        facts, facts_padding = _mediq_facts(_string_list(record, facts_field), facts_field), 0
     else:
-        options, n_padding = _options(record, "options", drop_padding=False)
-        answer = _answer(record, "answer_idx", record["options"], options)
-        question = _text(record, "atomic_question" if fmt == "promed_medqa" else "question")
-        if fmt == "mediq":
-            facts_field = "atomic_facts" if "atomic_facts" in record else "facts"
-            facts, facts_padding = _mediq_facts(_string_list(record, facts_field), facts_field), 0
-        else:
-            facts_field = "facts"
-            facts, facts_padding = _plain_facts(_string_list(record, "facts"), "facts")
+        facts_field = "facts"
+        facts, facts_padding = _plain_facts(_string_list(record, "facts"), "facts")
     if not facts:
         raise _RecordError(facts_field, "no facts")
     initial_info, known = _initial_info(record, facts, policy, language)
