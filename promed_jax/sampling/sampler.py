@@ -135,6 +135,22 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def left_padded(
+    rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32[batch, length], valid bool[batch, length]) with each row right-aligned after `pad_id`s.
+
+    The `batch - len(rows)` batch-padding rows hold one valid token, so that no row attends nothing.
+    """
+    tokens = np.full((batch, length), pad_id, dtype=np.int32)
+    valid = np.zeros((batch, length), dtype=bool)
+    for b, row in enumerate(rows):
+        tokens[b, length - len(row) :] = row
+        valid[b, length - len(row) :] = True
+    valid[len(rows) :, -1] = True
+    return tokens, valid
+
+
 def generate(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -155,14 +171,8 @@ def generate(
     batch = next_power_of_two(len(prompts))
     prompt_len = next_power_of_two(max(len(p) for p in prompts), MIN_PROMPT_BUCKET)
     new_len = next_power_of_two(config.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    tokens = np.full((batch, prompt_len), config.pad_id, dtype=np.int32)
-    valid = np.zeros((batch, prompt_len), dtype=bool)
-    for b, prompt in enumerate(prompts):
-        tokens[b, prompt_len - len(prompt) :] = prompt
-        valid[b, prompt_len - len(prompt) :] = True
-    # Batch-padding rows hold one valid token (so no row attends nothing) and start done.
-    valid[len(prompts) :, -1] = True
-    done = np.arange(batch) >= len(prompts)
+    tokens, valid = left_padded(prompts, batch, prompt_len, config.pad_id)
+    done = np.arange(batch) >= len(prompts)  # batch-padding rows start done
 
     static = dataclasses.replace(config, max_new_tokens=new_len)
     chunk = min(prompt_len, next_power_of_two(prefill_chunk))

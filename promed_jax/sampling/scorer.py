@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from promed_jax.models.transformer import causal_mask, positions_from_mask
-from promed_jax.sampling.sampler import MIN_PROMPT_BUCKET, next_power_of_two
+from promed_jax.sampling.sampler import MIN_PROMPT_BUCKET, left_padded, next_power_of_two
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +56,11 @@ def score_continuations(
     for b, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
         if not prompt or not continuation:
             raise ValueError(f"score_continuations: row {b} has an empty prompt or continuation")
-    batch = next_power_of_two(len(prompts))
-    total = next_power_of_two(max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)), MIN_PROMPT_BUCKET)
+    rows = [[*prompt, *continuation] for prompt, continuation in zip(prompts, continuations, strict=True)]
+    batch = next_power_of_two(len(rows))
+    total = next_power_of_two(max(len(row) for row in rows), MIN_PROMPT_BUCKET)
     window = min(next_power_of_two(max(len(c) for c in continuations)), total - 1)
-    tokens = np.full((batch, total), pad_id, dtype=np.int32)
-    valid = np.zeros((batch, total), dtype=bool)
-    for b, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
-        row = [*prompt, *continuation]
-        tokens[b, total - len(row) :] = row
-        valid[b, total - len(row) :] = True
-    valid[len(prompts) :, -1] = True  # batch padding: one token, so no row attends nothing
+    tokens, valid = left_padded(rows, batch, total, pad_id)
     logprobs = np.asarray(_window_logprobs(graphdef, params, tokens, valid, window=window, use_lora=use_lora))
 
     lengths = np.array([len(c) for c in continuations])
