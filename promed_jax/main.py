@@ -7,17 +7,15 @@ It only parses the config, logs the process and devices, and dispatches on `conf
 from __future__ import annotations
 
 import importlib
-import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from promed_jax.data.cases import CaseError
-from promed_jax.data.sources import DataConfigError
+from promed_jax.data.sources import REPO_ROOT, DataConfigError
 
 # Stage files import `configs.base`; the configs folder sits beside the package in the repository.
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
