@@ -67,10 +67,10 @@ def test_cases_are_mediq_shaped(cases_over_seeds):
 
 
 def test_questions_about_findings_are_answerable_from_the_facts(cases_over_seeds):
-    case = cases_over_seeds[0]
-    gold = DISEASES[case.options[case.answer[0]]]
-    for name, finding in FINDINGS.items():
-        assert (finding.fact in case.facts) == (name in gold)
+    for case in cases_over_seeds:
+        gold = DISEASES[case.options[case.answer[0]]]
+        for name, finding in FINDINGS.items():
+            assert (finding.fact in case.facts) == (name in gold), (case, name)
 
 
 def test_deterministic_for_a_seed_and_prefix_stable():
