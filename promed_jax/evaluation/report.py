@@ -73,13 +73,11 @@ def markdown_table(rows: Iterable[Summary]) -> str:
 
 def plot_accuracy_vs_questions(rows: Sequence[Summary], path: str | os.PathLike, *, title: str = "") -> None:
     """One point per mode (slice `all`): accuracy against mean questions asked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     overall = [r for r in rows if r.slice == "all"]
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     for r in overall:
         ax.scatter(r.mean_questions, 100 * r.accuracy, s=60)
         ax.annotate(r.mode, (r.mean_questions, 100 * r.accuracy), textcoords="offset points", xytext=(6, 4))
@@ -93,7 +91,6 @@ def plot_accuracy_vs_questions(rows: Sequence[Summary], path: str | os.PathLike,
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def write_report(out_dir: str | os.PathLike, rows: Sequence[Summary], *, title: str = "") -> pathlib.Path:
