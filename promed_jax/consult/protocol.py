@@ -177,7 +177,8 @@ def initial_problem(case: Case, mode: str) -> str:
     """The `Problem:` text for a mode: `full` adds every fact not already known at the start."""
     extra: Sequence[str] = ()
     if mode == "full":
-        extra = [f for i, f in enumerate(case.facts) if i not in set(case.known)]
+        known = set(case.known)
+        extra = [f for i, f in enumerate(case.facts) if i not in known]
     elif mode not in ("proactive", "reactive"):
         raise ValueError(f"unknown consultation mode {mode!r} (expected proactive, reactive or full)")
     return prompts.doctor_problem(
