@@ -72,6 +72,11 @@ def test_cache_errors_name_file_line_and_field(tmp_path, edit, message):
 def test_cache_refuses_another_model_or_prompt(tmp_path):
     with pytest.raises(ValueError, match="model 'gguf:x'.*use another workdir"):
         cache_lib.check_compatible([record(model="gguf:x")], model="tiny:seed0", prompt_version="v", path="p")
+    with pytest.raises(ValueError, match="prompt 'shapley-v0'.*use another workdir"):
+        cache_lib.check_compatible(
+            [record(version="shapley-v0")], model="tiny:seed0", prompt_version=SHAPLEY_PROMPT_VERSION, path="p"
+        )
+    cache_lib.check_compatible([record()], model="tiny:seed0", prompt_version=SHAPLEY_PROMPT_VERSION, path="p")
 
 
 def test_estimator_choice_follows_config():
