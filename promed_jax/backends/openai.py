@@ -123,7 +123,8 @@ class OpenAIBackend:
 
 @registry.register("backend", "openai")
 def make_openai_backend(cfg, **_) -> OpenAIBackend:
-    """From the config's `backend` section (base_url, model, api_key_env, timeout_s, max_retries)."""
+    """From the config's `backend` section (base_url, model, api_key_env, timeout_s, max_retries; optional
+    backoff_s and concurrency)."""
     return OpenAIBackend(
         base_url=cfg.base_url,
         model=cfg.model,
