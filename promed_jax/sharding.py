@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -69,15 +68,17 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def _variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping[str, str]) -> NamedSharding:
-    axes = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(variable[...])
-    return NamedSharding(mesh, logical_to_spec(axes, np.shape(variable[...]), mesh, rules))
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping[str, str] = LOGICAL_RULES) -> NamedSharding:
+    """The sharding of one variable (concrete or abstract) from its logical axis names; replicated without."""
+    shape = tuple(variable.shape)
+    axes = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str] = LOGICAL_RULES) -> nnx.State:
     """A `NamedSharding` for every variable of `state` (variables without axis names are replicated)."""
     return jax.tree.map(
-        lambda v: v.replace(_variable_sharding(v, mesh, rules)),
+        lambda v: v.replace(variable_sharding(v, mesh, rules)),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

@@ -30,7 +30,7 @@ from promed_jax import io
 from promed_jax.models.config import ModelConfig
 from promed_jax.models.lora import LoRAParam
 from promed_jax.models.transformer import Transformer
-from promed_jax.sharding import LOGICAL_RULES, logical_to_spec
+from promed_jax.sharding import LOGICAL_RULES, variable_sharding
 
 LINEAR, FLAT, SAME = "linear", "flat", "same"
 
@@ -262,10 +262,7 @@ def build_model(
     def place(variable: nnx.Variable, array: Any) -> Any:
         if mesh is None:
             return jax.device_put(array)
-        axes = variable.get_metadata().get("out_sharding") or (None,) * np.ndim(array)
-        return jax.device_put(
-            array, jax.sharding.NamedSharding(mesh, logical_to_spec(axes, np.shape(array), mesh, rules))
-        )
+        return jax.device_put(array, variable_sharding(variable, mesh, rules))
 
     used = set()
     for path, variable in nnx.to_flat_state(base):
