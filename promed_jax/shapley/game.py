@@ -88,10 +88,14 @@ def tokenize_value_prompt(tokenizer, case: Case) -> ValuePrompt:
     return prompt
 
 
+def kept_facts(prompt: ValuePrompt, coalition: Sequence[bool]) -> list[np.ndarray]:
+    """The token ids of the coalition's facts, in their original order."""
+    return [f for f, keep in zip(prompt.facts, coalition, strict=True) if keep]
+
+
 def coalition_ids(prompt: ValuePrompt, coalition: Sequence[bool]) -> tuple[np.ndarray, int]:
     """The definition of a coalition's prompt: (token ids int32[T], index of the first answer token)."""
-    kept = [f for f, keep in zip(prompt.facts, coalition, strict=True) if keep]
-    context = np.concatenate([prompt.prefix, *kept, prompt.question])
+    context = np.concatenate([prompt.prefix, *kept_facts(prompt, coalition), prompt.question])
     return np.concatenate([context, prompt.answer]), context.size
 
 
@@ -302,7 +306,7 @@ class CoalitionGame:
         body = np.full((k_pad, lb), self.pad_id, np.int32)
         question = prompt.question[:-1]
         for row, keep in enumerate(coalitions):
-            ids = np.concatenate([*(f for f, kept in zip(prompt.facts, keep, strict=True) if kept), question])
+            ids = np.concatenate([*kept_facts(prompt, keep), question])
             body[row, : ids.size] = ids
         lens = np.zeros(k_pad, np.int32)
         lens[:k] = body_lens
