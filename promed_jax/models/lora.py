@@ -67,14 +67,12 @@ class LoRA(nnx.Module):
 def merged_weights(model: nnx.Module) -> dict[str, jax.Array]:
     """The base parameters of `model` (flat path `layers.0.self_attn.q_proj.kernel` -> array) with every
     adapter folded into its kernel: `W + scale * A @ B`."""
-    flat = {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    merged = {k: v for k, v in flat.items() if ".lora." not in k}
-    for key, a in flat.items():
-        if key.endswith(".lora.a"):
-            base = key[: -len(".lora.a")]
-            kernel = merged[f"{base}.kernel"]
-            delta = jnp.tensordot(a, flat[f"{base}.lora.b"], axes=1) * model.config.lora_scale
-            merged[f"{base}.kernel"] = (kernel + delta).astype(kernel.dtype)
+    base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+    merged = {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(base)}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, LoRA):
+            key = ".".join(map(str, (*path[:-1], "kernel")))
+            merged[key] = (merged[key] + module.delta()).astype(merged[key].dtype)
     return merged
 
 
