@@ -25,6 +25,7 @@ from promed_jax.sampling.sampler import (
     generate,
     stop_sequences_for,
 )
+from promed_jax.text.tokenizer import IM_END
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class LocalBackend:
     @property
     def eos_ids(self) -> tuple[int, ...]:
         ids = {self.tokenizer.eos_token_id}
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(IM_END)
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
             ids.add(end_of_turn)
         return tuple(sorted(i for i in ids if i is not None))
