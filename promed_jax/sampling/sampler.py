@@ -196,7 +196,8 @@ def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: Sampl
     batch, prompt_len = tokens.shape
     size = prompt_len + config.max_new_tokens
     positions = positions_from_mask(valid)
-    slot_valid = jnp.pad(valid, ((0, 0), (0, config.max_new_tokens)))
+    # New-token slots count as valid: each is written before any query at or after it attends it.
+    slot_valid = jnp.pad(valid, ((0, 0), (0, config.max_new_tokens)), constant_values=True)
     slots = jnp.arange(size)
 
     def prefill_chunk(c, carry):
@@ -220,7 +221,7 @@ def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: Sampl
     cache, last_logits = jax.lax.fori_loop(0, prompt_len // chunk, prefill_chunk, empty)
     state = SamplerState(
         tokens=jnp.pad(tokens, ((0, 0), (0, config.max_new_tokens)), constant_values=config.pad_id),
-        valid=jnp.pad(valid, ((0, 0), (0, config.max_new_tokens)), constant_values=True),
+        valid=slot_valid,
         cursor=jnp.int32(prompt_len - 1),
         positions=positions[:, -1],
         cache=cache,
