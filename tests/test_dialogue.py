@@ -77,6 +77,11 @@ def test_turn_ids(tokenizer):
 
 def test_message_ids_partition_the_tokens(tokenizer):
     rendered = render_dialogue(tokenizer, DIALOGUE[:2])
+    # Each message's tokens form one run, in message order, and the runs together are the whole text.
+    assert rendered.message_ids[0] == 0 and np.all(np.diff(rendered.message_ids) >= 0)
+    assert set(rendered.message_ids.tolist()) == {0, 1}
+    runs = [_decode(tokenizer, rendered.ids[rendered.message_ids == m]) for m in range(2)]
+    assert "".join(runs) == rendered.text
     for m, message in enumerate(DIALOGUE[:2]):
         text = _decode(tokenizer, rendered.ids[rendered.message_ids == m])
         assert message["content"] in text and text.endswith(f"{tokenizer.eos_token}\n")
