@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from promed_jax import io
 from promed_jax.models.config import ModelConfig
-from promed_jax.models.lora import LoRAParam
+from promed_jax.models.lora import BASE_PARAMS, merged_weights
 from promed_jax.models.transformer import Transformer
 from promed_jax.sharding import LOGICAL_RULES, variable_sharding
 
@@ -105,7 +105,6 @@ _SAFETENSORS_DTYPES: Mapping[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_BASE = nnx.All(nnx.Param, nnx.Not(LoRAParam))
 
 
 class CheckpointError(ValueError):
@@ -255,9 +254,9 @@ def build_model(
     state are initialised from `seed`. With a mesh, every array is placed under its logical sharding."""
     key_map = KEY_MAPS[cfg.model_type]
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, base, _ = nnx.split(abstract, _BASE, ...)
+    graphdef, base, _ = nnx.split(abstract, BASE_PARAMS, ...)
     # Only the adapters and RNG state are materialised; XLA drops the unused random base weights.
-    rest = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), _BASE, ...)[2])()
+    rest = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), BASE_PARAMS, ...)[2])()
 
     def place(variable: nnx.Variable, array: Any) -> Any:
         if mesh is None:
@@ -400,8 +399,6 @@ def load_gguf(
 
 def hf_tensors(model: Transformer, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array) for every base parameter, with LoRA adapters merged in."""
-    from promed_jax.models.lora import merged_weights
-
     cfg = model.config
     key_map = KEY_MAPS[cfg.model_type]
     target = np.dtype(ml_dtypes.bfloat16) if (dtype or cfg.param_dtype) == "bfloat16" else np.dtype(np.float32)

@@ -19,6 +19,10 @@ class LoRAParam(nnx.Param):
     """A trainable adapter weight (train these alone with `nnx.Optimizer(model, tx, wrt=LoRAParam)`)."""
 
 
+# The model's parameters without the adapters.
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(LoRAParam))
+
+
 class LoRA(nnx.Module):
     """The low-rank update of one projection with input shape `in_shape` and output shape `out_shape`."""
 
@@ -67,7 +71,7 @@ class LoRA(nnx.Module):
 def merged_weights(model: nnx.Module) -> dict[str, jax.Array]:
     """The base parameters of `model` (flat path `layers.0.self_attn.q_proj.kernel` -> array) with every
     adapter folded into its kernel: `W + scale * A @ B`."""
-    base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+    base = nnx.state(model, BASE_PARAMS)
     merged = {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(base)}
     for path, module in nnx.iter_graph(model):
         if isinstance(module, LoRA):
