@@ -305,11 +305,16 @@ def load_hf(
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json")
-    try:
-        cfg = ModelConfig.from_hf(json.loads(config_path.read_text()), **overrides)
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{config_path}: {err}") from None
+    cfg = _config_from_hf(json.loads(config_path.read_text()), config_path, overrides)
     return build_model(cfg, read_hf_tensors(folder), seed=seed, mesh=mesh, rules=rules)
+
+
+def _config_from_hf(hf: Mapping[str, Any], source: str | os.PathLike, overrides: Mapping[str, Any]) -> ModelConfig:
+    """`ModelConfig.from_hf`, its errors raised as a `CheckpointError` naming `source`."""
+    try:
+        return ModelConfig.from_hf(hf, **overrides)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,11 +391,7 @@ def load_gguf(
 ) -> Transformer:
     """A model from a GGUF file (any quantization the `gguf` package dequantizes; Q4_1 for SmolLM2)."""
     hf, tensors = read_gguf(path)
-    try:
-        cfg = ModelConfig.from_hf(hf, **overrides)
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    return build_model(cfg, tensors, seed=seed, mesh=mesh, rules=rules)
+    return build_model(_config_from_hf(hf, path, overrides), tensors, seed=seed, mesh=mesh, rules=rules)
 
 
 # ---------------------------------------------------------------------------------------------------------
