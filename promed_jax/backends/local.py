@@ -14,7 +14,6 @@ import itertools
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 
 from promed_jax import registry
@@ -96,10 +95,6 @@ class LocalBackend:
             out = generate(self.graphdef, self.params, prompts[start : start + self.max_batch], config, chunk_key)
             texts += decode_texts(self.tokenizer, out, stop)
         return texts
-
-    def prompt_lengths(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
-        """int32[N] rendered prompt length of each conversation (generation prompt included)."""
-        return np.array([len(self.encode(c)) for c in conversations], dtype=np.int32)
 
 
 @registry.register("backend", "local")
