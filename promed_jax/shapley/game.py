@@ -177,11 +177,7 @@ def _scores_reusing_prefix(graphdef, params, prefix_cache: KVCache, body, body_l
     p, a = prefix_cache.size, tail.shape[0]
     key_valid, positions = _layout(p, body_len, lb, a)
 
-    def grow(x: jax.Array) -> jax.Array:  # [1, P, ...] -> [K, P + Lb + A, ...]
-        rest = jnp.zeros((k, lb + a, *x.shape[2:]), x.dtype)
-        return jnp.concatenate([jnp.broadcast_to(x, (k, *x.shape[1:])), rest], axis=1)
-
-    cache = KVCache(k=tuple(map(grow, prefix_cache.k)), v=tuple(map(grow, prefix_cache.v)))
+    cache = prefix_cache.grow(k, lb + a)  # [1, P] -> [K, P + Lb + A] slots
     body_slots = p + jnp.arange(lb)
     _, cache = model(
         body,
