@@ -183,3 +183,11 @@ def test_doctor_first_message_chinese_and_multi_answer():
     assert "问题：患者男，21岁，膝痛。培养见双球菌。应给予何种药物？" in full
     pro = P.doctor_first_message(case, mode="proactive", max_questions=3)
     assert "question:" in pro and "最多只能提问3次" in pro
+
+
+def test_markerless_turn_is_the_answer_only_where_no_question_is_allowed():
+    options = {"A": "Gentamicin", "B": "Ciprofloxacin", "C": "Ceftriaxone", "D": "Trimethoprim"}
+    text = "The correct answer is C: Ceftriaxone."
+    assert P.parse_doctor_turn(text, options).kind == P.INVALID
+    turn = P.parse_doctor_turn(text, options, questions_allowed=False)
+    assert turn.kind == P.ANSWER and turn.letters == ("C",)

@@ -156,12 +156,18 @@ def _question_text(text: str, marker_end: int) -> str:
     return ""
 
 
-def parse_doctor_turn(text: str, options: Mapping[str, str]) -> DoctorTurn:
-    """Classifies a doctor turn by its first marker and reads its question or answer."""
+def parse_doctor_turn(text: str, options: Mapping[str, str], *, questions_allowed: bool = True) -> DoctorTurn:
+    """Classifies a doctor turn by its first marker and reads its question or answer.
+
+    Where no question is allowed (the reactive and full-information modes) a turn with neither marker can only
+    be the answer, so it is read as one: those baselines measure knowledge, not the turn format.
+    """
     if is_runaway(text):
         return DoctorTurn(kind=INVALID, reason=END_RUNAWAY)
     m = _MARKER.search(text)
     if m is None:
+        if not questions_allowed:
+            return DoctorTurn(kind=ANSWER, letters=extract_answer(text, options))
         return DoctorTurn(kind=INVALID, reason=END_NO_MARKER)
     if m.group("q"):
         return DoctorTurn(kind=QUESTION, question=_question_text(text, m.end()))

@@ -165,11 +165,7 @@ def consult(
         asking: list[tuple[_Live, str]] = []
         for d, text in zip(running, replies, strict=True):
             d.messages.append({"role": "assistant", "content": text})
-            turn = protocol.parse_doctor_turn(text, d.case.options)
-            if limit == 0 and turn.reason == protocol.END_NO_MARKER:
-                # No question is allowed in this mode, so the turn can only be the answer: read it as one
-                # (reactive and full-information baselines measure knowledge, not the turn format).
-                turn = protocol.DoctorTurn(kind=protocol.ANSWER, letters=protocol.extract_answer(text, d.case.options))
+            turn = protocol.parse_doctor_turn(text, d.case.options, questions_allowed=limit > 0)
             if turn.kind == protocol.ANSWER:
                 d.revealed.append(())
                 d.finish(protocol.END_ANSWER, turn.letters)
