@@ -129,15 +129,61 @@ def test_unbiased_over_seeds(name):
     assert np.mean(np.abs(runs[0] - exact)) > 1e-3
 
 
-def test_kernel_shap_error_shrinks_with_budget():
+@pytest.mark.parametrize("enumerate_strata", [True, False], ids=["strata", "sampled"])
+def test_kernel_shap_error_shrinks_with_budget(enumerate_strata):
     table = random_table(8, 6)
     exact = exact_phi(table)
     errors = []
-    for budget in (16, 64, 256, 1024):
-        runs = [est.kernel_shap(table_game(table), 8, budget=budget, key=s)[0] for s in range(20)]
+    for budget in (18, 48, 120, 200):  # below 2^8: the enumerating variant still samples the middle sizes
+        runs = [
+            est.kernel_shap(table_game(table), 8, budget=budget, key=s, enumerate_strata=enumerate_strata)[0]
+            for s in range(20)
+        ]
         errors.append(np.mean([np.abs(phi - exact).sum() for phi in runs]))
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
-    assert errors[-1] < errors[0] / 4, errors
+    assert errors[-1] < errors[0] / 3, errors
+
+
+def test_complete_strata():
+    assert est.complete_strata(7, 15) == []  # 2 + 14 does not fit
+    assert est.complete_strata(7, 16) == [1, 6]
+    assert est.complete_strata(7, 57) == [1, 6]
+    assert est.complete_strata(7, 58) == [1, 2, 5, 6]  # 2 + 14 + 42
+    assert est.complete_strata(4, 16) == [1, 2, 3]  # the middle size once
+    assert est.complete_strata(5, 32) == [1, 2, 3, 4]
+    coalitions = est.sizes_coalitions(5, [1, 4])
+    assert len(coalitions) == 10 and set(coalitions.sum(1)) == {1, 4}
+
+
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_kernel_shap_with_every_coalition_is_exact(n):
+    table = random_table(n, 11)
+    phi, n_evals = est.kernel_shap(table_game(table), n, budget=2**n, key=0)
+    assert n_evals == 2**n
+    np.testing.assert_allclose(phi, exact_phi(table), atol=1e-9)
+
+
+def test_enumerating_strata_helps_on_lm_like_games():
+    # Monotone log-sigmoid games (the shape of an LM's answer log-prob): at 2(n+1) and 4(n+1) coalitions the
+    # enumerated sizes 1 and n-1 give a lower error than sampling every size.
+    n = 9
+    for seed in range(3):
+        table = monotone_table(n, seed)
+        exact = exact_phi(table)
+        for budget in (2 * (n + 1), 4 * (n + 1)):
+            error = {
+                strata: np.mean(
+                    [
+                        np.abs(
+                            est.kernel_shap(table_game(table), n, budget=budget, key=s, enumerate_strata=strata)[0]
+                            - exact
+                        ).sum()
+                        for s in range(10)
+                    ]
+                )
+                for strata in (True, False)
+            }
+            assert error[True] < error[False], (seed, budget, error)
 
 
 def test_kernel_shap_samples_follow_the_kernel():

@@ -138,6 +138,31 @@ def test_prefix_reuse_equals_no_reuse(game, model, tokenizer):
     )
 
 
+def test_plan_levels_by_hand():
+    lens = np.array([10, 10])
+    everything = est.all_coalitions(2)  # 00, 10, 01, 11
+    # Flat: every row computes its kept facts, 0 + 10 + 10 + 20 = 40 tokens. Cut after fact 0: the node
+    # "fact 0 kept" computes 10 tokens once (+ 8 overhead), the leaves compute fact 1 twice: 18 + 20 = 38.
+    assert game_lib.plan_levels(lens, everything, node_cost=8) == [1, 2]
+    assert game_lib.plan_levels(lens, everything, node_cost=12) == [2]  # 22 + 20 > 40
+    assert game_lib.plan_levels(lens, np.ones((1, 2), bool)) == [2]  # nothing shared: flat
+    bounds = game_lib.plan_levels(np.array([5] * 6), est.all_coalitions(6))  # all coalitions: a deep tree
+    assert len(bounds) >= 4 and bounds[-1] == 6 and bounds == sorted(set(bounds))
+
+
+def test_fact_tree_equals_flat_layout(game, model, tokenizer):
+    prompt = game.prompt(EN_CASE)
+    coalitions = est.all_coalitions(5)
+    levels = game._plan(prompt, coalitions)
+    assert len(levels) > 2 and len(levels[-1].rows) == 32  # a real tree: shared levels above the leaves
+    flat = game_lib.CoalitionGame(model, tokenizer, batch_size=16, share_facts=False)
+    assert len(flat._plan(prompt, coalitions)) == 1
+    np.testing.assert_allclose(game.values(prompt, coalitions), flat.values(prompt, coalitions), atol=1e-4)
+    # Any subset, in any order, duplicates included: values follow the rows.
+    rows = np.random.default_rng(1).integers(0, 32, size=13)
+    np.testing.assert_allclose(game.values(prompt, coalitions[rows]), flat.values(prompt, coalitions)[rows], atol=1e-4)
+
+
 def test_sharded_over_data_axis(game, model, tokenizer):
     mesh = make_mesh((-1,), ("data",))
     assert mesh.shape["data"] == 8

@@ -234,40 +234,87 @@ def tmc(
     return _counted(estimate, value_fn, n)
 
 
-def kernel_size_distribution(n: int) -> np.ndarray:
-    """p(s) ∝ (n−1)/(s(n−s)) for coalition sizes s = 1..n−1 (the Shapley kernel summed over each size)."""
-    sizes = np.arange(1, n)
+def kernel_size_distribution(n: int, sizes: np.ndarray | None = None) -> np.ndarray:
+    """p(s) ∝ (n−1)/(s(n−s)) for coalition sizes s = 1..n−1 (the Shapley kernel summed over each size),
+    or over `sizes` only."""
+    sizes = np.arange(1, n) if sizes is None else np.asarray(sizes)
     p = (n - 1) / (sizes * (n - sizes))
     return p / p.sum()
 
 
-def kernel_samples(n: int, pairs: int, rng: np.random.Generator) -> np.ndarray:
-    """bool[2·pairs, n]: coalitions whose sizes follow the Shapley kernel, then their complements."""
-    sizes = rng.choice(np.arange(1, n), size=pairs, p=kernel_size_distribution(n))
+def kernel_samples(n: int, pairs: int, rng: np.random.Generator, sizes: np.ndarray | None = None) -> np.ndarray:
+    """bool[2·pairs, n]: coalitions whose sizes follow the Shapley kernel (over `sizes`, default 1..n−1),
+    then their complements."""
+    sizes = np.arange(1, n) if sizes is None else np.asarray(sizes)
+    drawn = rng.choice(sizes, size=pairs, p=kernel_size_distribution(n, sizes))
     ranks = np.argsort(np.argsort(rng.random((pairs, n)), axis=1), axis=1)
-    z = ranks < sizes[:, None]  # a uniform subset of each drawn size
+    z = ranks < drawn[:, None]  # a uniform subset of each drawn size
     return np.concatenate([z, ~z])
 
 
-@registry.register(KIND, "kernel_shap")
-def kernel_shap(value_fn: ValueFn, n: int, *, budget: int, key) -> tuple[np.ndarray, int]:
-    """Paired KernelSHAP: the efficiency-constrained least squares over coalitions drawn from the Shapley kernel.
+def complete_strata(n: int, budget: int) -> list[int]:
+    """The coalition sizes a budget enumerates completely: the pairs {1, n−1}, {2, n−2}, ... in that order
+    (the heaviest under the Shapley kernel first), while all their coalitions fit in the budget (∅ and F
+    come first and count). All sizes once budget ≥ 2^n."""
+    left, sizes = budget - 2, []
+    for s in range(1, n // 2 + 1):
+        pair = [s] if 2 * s == n else [s, n - s]
+        count = sum(math.comb(n, t) for t in pair)
+        if count > left:
+            break
+        sizes += pair
+        left -= count
+    return sorted(sizes)
 
-    Coalitions z are drawn with their complements (Covert & Lee 2021); with A = mean z zᵀ and
-    b = mean z·(v(z) − v(∅)) over the samples, φ = A⁺(b − 1·(1ᵀA⁺b − (v(F) − v(∅)))/(1ᵀA⁺1)), so Σφ = v(F) − v(∅)
-    exactly. The sample Gram matrix (not its expectation) is used: on smooth, LM-like games its errors
-    cancel those of b, which measured several times lower error at small budgets.
+
+def sizes_coalitions(n: int, sizes: list[int]) -> np.ndarray:
+    """bool[K, n]: every coalition whose size is in `sizes`."""
+    everything = all_coalitions(n)
+    return everything[np.isin(everything.sum(1), sizes)]
+
+
+@registry.register(KIND, "kernel_shap")
+def kernel_shap(
+    value_fn: ValueFn, n: int, *, budget: int, key, enumerate_strata: bool = True
+) -> tuple[np.ndarray, int]:
+    """Paired KernelSHAP: the efficiency-constrained weighted least squares of v(S) − v(∅) on the players of S.
+
+    With `enumerate_strata` (the default) the coalition sizes whose coalitions all fit in the budget are
+    enumerated, heaviest Shapley-kernel weight first (sizes 1 and n−1: every single fact and every fact left
+    out; then 2 and n−2, ...), each coalition weighted by its exact kernel weight, as the SHAP library's
+    KernelExplainer does; the rest of the budget samples the other sizes from the kernel, in complementary
+    pairs (Covert & Lee 2021), each sample carrying an equal share of those sizes' kernel mass. A budget of
+    2^n enumerates everything, which is exact enumeration. Without it every coalition is sampled.
+
+    With the weighted Gram matrix A = Σ w z zᵀ and b = Σ w z (v(z) − v(∅)), φ = A⁺(b − 1·(1ᵀA⁺b − (v(F) − v(∅)))
+    /(1ᵀA⁺1)), so Σφ = v(F) − v(∅) exactly. The sample Gram matrix (not its expectation) is used: on smooth,
+    LM-like games its errors cancel those of b, which measured several times lower error at small budgets.
+    On 39 SmolLM2/MedQA games with 5-10 facts, enumerating strata halved the L1 error at budgets 2(n+1)-4(n+1).
     """
     if n == 1:
         return exact(value_fn, n)
-    samples = kernel_samples(n, max(1, (budget - 2) // 2), numpy_rng(key))
+    rng = numpy_rng(key)
+    mass = kernel_size_distribution(n)  # over sizes 1..n-1
+    enumerated = complete_strata(n, budget) if enumerate_strata else []
+    full = sizes_coalitions(n, enumerated)
+    sizes = np.setdiff1d(np.arange(1, n), enumerated)
+    pairs = max(0, budget - 2 - len(full)) // 2 if enumerated else max(1, (budget - 2) // 2)
+    sampled = kernel_samples(n, pairs, rng, sizes) if sizes.size and pairs else np.zeros((0, n), bool)
+    size_of = full.sum(1)
+    weights = np.concatenate(
+        [
+            mass[size_of - 1] / np.array([math.comb(n, int(t)) for t in size_of]),
+            np.full(len(sampled), mass[sizes - 1].sum() / max(1, len(sampled))),
+        ]
+    )
+    samples = np.concatenate([full, sampled])
 
     def estimate(memo: MemoValue) -> np.ndarray:
         v_empty, v_full = _endpoints(memo)
         values = memo(samples)
         x = samples.astype(np.float64)
-        a_inv = np.linalg.pinv(x.T @ x / len(x))
-        b = x.T @ (values - v_empty) / len(x)
+        a_inv = np.linalg.pinv((x * weights[:, None]).T @ x)
+        b = (x * weights[:, None]).T @ (values - v_empty)
         ones = np.ones(n)
         correction = (ones @ a_inv @ b - (v_full - v_empty)) / (ones @ a_inv @ ones)
         return a_inv @ (b - correction * ones)

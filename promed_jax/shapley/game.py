@@ -5,16 +5,19 @@ facts of S (teacher forcing). The prompt is tokenized once, piece by piece (`Val
 prompt is the concatenation of its pieces, so dropping a fact drops exactly its tokens (`coalition_ids` is
 the definition, one prompt at a time).
 
-Batched layout of one coalition row, in cache slots:
+Batched layout of one coalition row, in cache slots (a prefix tree over the facts, `plan_levels`):
 
-    [ header: P, shared ] [ kept facts + question[:-1], gathered, padded to Lb ] [ question[-1] + answer[:-1]: A ]
+    [ header: P ] [ level 1: kept facts of [0, b1) ] ... [ leaf: kept facts of [b_m-1, n) + question[:-1] ] [ tail: A ]
 
-The header's keys and values are computed once at [1, P] and broadcast to the K rows (`reuse_prefix`), the
-kept fact tokens are gathered into a short row instead of masking the dropped ones (less compute on CPU),
-and positions count only kept tokens, so each row sees exactly its own prompt. Only the last segment's
-logits are computed (the middle segment's logits are unused and compiled away). Rows are sorted by length
-and cut into chunks of power-of-two sizes whose Lb is rounded up to a few buckets, so a dataset compiles a
-handful of times.
+The header is computed once at [1, P]. A level computes the kept tokens of its run of facts once per
+distinct path above it (coalitions that agree on facts [0, b) share that node's keys and values); the
+leaves, one per coalition, add the last run of facts, the question and the tail question[-1] + answer[:-1],
+whose logits score the answer. Dropped facts' tokens are gathered out rather than masked (less compute),
+positions count only kept tokens, and each row's mask sees only its own path, so every row sees exactly
+its own prompt. Only the tail's logits are computed. Nodes are sorted by length and cut into chunks of
+power-of-two sizes whose widths are rounded up to a few buckets, so a dataset compiles a handful of times.
+The split points minimize the tokens computed for the coalitions of each call; with all 2^n coalitions
+each coalition computes about one fact, the question and the tail instead of half of all facts.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def chunk_sizes(k: int, min_batch: int, batch_size: int) -> list[int]:
 
 
 def _layout(prefix_len: int, body_len: jax.Array, body_slots: int, tail_slots: int):
-    """Slot validity bool[K, S] and positions int32[K, S] of the rows (S = P + Lb + A)."""
+    """Slot validity bool[K, S] and positions int32[K, S] of the no-reuse rows (S = P + Lb + A)."""
     k = body_len.shape[0]
     body_index = jnp.arange(body_slots)[None, :]
     key_valid = jnp.concatenate(
@@ -159,41 +162,53 @@ def _answer_logprob(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> 
     return jnp.sum(picked * valid, axis=-1) / jnp.sum(valid)
 
 
-def _prefix_cache(graphdef, params, prefix: jax.Array) -> KVCache:
-    """Keys and values of the shared header, computed once: prefix int32[1, P] -> KVCache [1, P]."""
+def _header_cache(graphdef, params, prefix: jax.Array, *, slots: int) -> KVCache:
+    """Keys and values of the shared header, computed once: prefix int32[1, P] -> KVCache [1, slots]."""
     model = nnx.merge(graphdef, params)
     p = prefix.shape[1]
-    cache = init_cache(model.config, 1, p)
     positions = jnp.arange(p, dtype=jnp.int32)[None]
-    mask = jnp.tril(jnp.ones((p, p), bool))[None]
-    _, cache = model(prefix, positions, mask, cache=cache, cache_index=jnp.int32(0), use_lora=False)
+    key_valid = (jnp.arange(slots) < p)[None]
+    _, cache = model(
+        prefix,
+        positions,
+        _attention_mask(key_valid, jnp.arange(p)),
+        cache=init_cache(model.config, 1, slots),
+        cache_index=jnp.int32(0),
+        use_lora=False,
+    )
     return cache
 
 
-def _scores_reusing_prefix(graphdef, params, prefix_cache: KVCache, body, body_len, tail, targets, valid):
-    """float32[K]: body int32[K, Lb], body_len int32[K], tail/targets int32[A], valid bool[A]."""
-    model = nnx.merge(graphdef, params)
-    k, lb = body.shape
-    p, a = prefix_cache.size, tail.shape[0]
-    key_valid, positions = _layout(p, body_len, lb, a)
+def _gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache rows `rows` int32[R] of a level's nodes (a parent may have several children)."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
 
-    cache = prefix_cache.grow(k, lb + a)  # [1, P] -> [K, P + Lb + A] slots
-    body_slots = p + jnp.arange(lb)
+
+def _extend(graphdef, params, cache: KVCache, tokens, positions, key_valid, start) -> KVCache:
+    """Writes tokens int32[R, L] into slots [start, start + L) of each row's cache [R, S]; key_valid bool[R, S]
+    marks the slots each row's tokens see (its own path through the fact tree), positions int32[R, L]."""
+    model = nnx.merge(graphdef, params)
+    query_slots = start + jnp.arange(tokens.shape[1])
     _, cache = model(
-        body,
-        positions[:, p : p + lb],
-        _attention_mask(key_valid, body_slots),
-        cache=cache,
-        cache_index=jnp.int32(p),
-        use_lora=False,
+        tokens, positions, _attention_mask(key_valid, query_slots), cache=cache, cache_index=start, use_lora=False
     )
-    tail_slots = p + lb + jnp.arange(a)
+    return cache
+
+
+def _leaf_scores(graphdef, params, cache, tokens, positions, key_valid, start, tail, tail_positions, targets, valid):
+    """float32[R]: the leaf tokens [R, Lb] at `start`, then the tail (question[-1] + answer[:-1], int32[A]) right
+    after them, scored against the answer (targets int32[A], valid bool[A]). The leaf's logits are unused and
+    compiled away; only the tail's are computed."""
+    model = nnx.merge(graphdef, params)
+    cache = _extend(graphdef, params, cache, tokens, positions, key_valid, start)
+    r, a = tokens.shape[0], tail.shape[0]
+    tail_start = start + tokens.shape[1]
     logits, _ = model(
-        jnp.broadcast_to(tail, (k, a)),
-        positions[:, p + lb :],
-        _attention_mask(key_valid, tail_slots),
+        jnp.broadcast_to(tail, (r, a)),
+        tail_positions,
+        _attention_mask(key_valid, tail_start + jnp.arange(a)),
         cache=cache,
-        cache_index=jnp.int32(p + lb),
+        cache_index=tail_start,
         use_lora=False,
     )
     return _answer_logprob(logits, targets, valid)
@@ -210,6 +225,43 @@ def _scores_without_reuse(graphdef, params, prefix, body, body_len, tail, target
     return _answer_logprob(logits[:, p + lb :], targets, valid)
 
 
+def segment_bucket(length: int) -> int:
+    """Slots for a segment of `length` new tokens: 8 or 16 for short fact segments, else `length_bucket`."""
+    return 8 if length <= 8 else length_bucket(length)
+
+
+def plan_levels(fact_lens: np.ndarray, coalitions: np.ndarray, *, node_cost: float = 8.0) -> list[int]:
+    """Where to cut the fact list into the levels of a prefix tree, for these coalitions.
+
+    A level [a, b) has one node per distinct restriction of the coalitions to facts [0, b) whose facts in
+    [a, b) are not all dropped (those reuse their parent); a node computes the kept tokens of [a, b) once for
+    all the coalitions below it. Returns boundaries 0 < b_1 < ... < b_m = n minimizing the tokens computed,
+    with `node_cost` tokens charged per computed node (padding, copies): a shortest path over the boundaries.
+    [n] alone is the flat layout, every coalition computing all its kept facts.
+    """
+    n = coalitions.shape[1]
+    if n == 0:
+        return [0]
+    lens = np.asarray(fact_lens, dtype=np.float64)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    previous = np.zeros(n + 1, dtype=np.int64)
+    for b in range(1, n + 1):
+        nodes = coalitions[:, :b] if b == n else np.unique(coalitions[:, :b], axis=0)
+        # tokens of every node over [a, b) for all a at once: suffix sums of the kept lengths
+        kept = nodes * lens[:b]
+        suffix = np.cumsum(kept[:, ::-1], axis=1)[:, ::-1]  # [U, b]: column a = tokens in [a, b)
+        computed = suffix > 0
+        cost = (suffix + node_cost * computed).sum(0) if b < n else suffix.sum(0)
+        totals = best[:b] + cost
+        previous[b] = int(np.argmin(totals))
+        best[b] = totals[previous[b]]
+    bounds = [n]
+    while bounds[-1] > 0 and previous[bounds[-1]] > 0:
+        bounds.append(int(previous[bounds[-1]]))
+    return bounds[::-1]
+
+
 def _placed_on(params, mesh: Mesh) -> bool:
     """Whether every array already lives on `mesh` (a model loaded under its logical shardings)."""
     return all(
@@ -219,17 +271,46 @@ def _placed_on(params, mesh: Mesh) -> bool:
     )
 
 
+@dataclasses.dataclass
+class _Level:
+    """One level of the fact tree, facts [a, b), planned on the host; U nodes.
+
+    parent: int[U], each node's row in the previous level's cache array (0: the header); rows: bool[U, b],
+    each node's restriction of the coalitions to facts [0, b) (the leaf level: the coalitions themselves);
+    tokens: the new token ids of each node (its kept facts of [a, b); the leaves add question[:-1]);
+    start: the first cache slot this level writes; chunks: (node indices, slots written) per forward.
+    """
+
+    a: int
+    b: int
+    parent: np.ndarray
+    rows: np.ndarray
+    tokens: list[np.ndarray]
+    start: int
+    width: int = 0  # slots this level's chunks may write (the largest segment bucket)
+    chunks: list[tuple[np.ndarray, int]] = dataclasses.field(default_factory=list)
+
+
 class CoalitionGame:
     """Batched coalition values of one frozen model: `game.value_fn(case)(bool[K, n]) -> float32[K]`.
+
+    The coalitions of a call share computation through a prefix tree over the facts (`plan_levels`): the
+    header is computed once at [1, P]; each level computes the kept tokens of a run of facts once per
+    distinct path above it, and the leaves (one per coalition) compute only their last run of facts, the
+    question and the answer. Each row's positions count only its kept tokens and its attention mask sees
+    only its own path, so every row sees exactly its own prompt.
 
     Args:
       model: the `Transformer` (θ, used without LoRA).
       tokenizer: its tokenizer.
-      batch_size: coalitions per forward at most (chunks are padded to a power of two up to this).
+      batch_size: coalitions (or tree nodes) per forward at most (chunks are padded to a power of two).
       min_batch: the smallest chunk (a multiple of the mesh's data axis when sharded).
       mesh: optional; the coalition axis is sharded over its `data` axis; weights not yet on the mesh are
         replicated over it (a model loaded with `load_model(..., mesh=mesh)` keeps its own shardings).
-      reuse_prefix: compute the header once per case at [1, P] (True) or once per row (False, for tests).
+      reuse_prefix: compute the header once and share fact prefixes (True), or compute every row's whole
+        prompt in one cache-free forward (False; the reference the tests compare against).
+      share_facts: with `reuse_prefix`, share fact prefixes between coalitions through the tree (True) or
+        compute each coalition's kept facts itself (False: the flat layout).
     """
 
     def __init__(
@@ -241,11 +322,13 @@ class CoalitionGame:
         min_batch: int = 4,
         mesh: Mesh | None = None,
         reuse_prefix: bool = True,
+        share_facts: bool = True,
     ):
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.mesh = mesh
         self.reuse_prefix = reuse_prefix
+        self.share_facts = share_facts
         data = 1 if mesh is None else mesh.shape["data"]
         self.min_batch = -(-max(min_batch, data) // data) * data
         self.batch_size = max(self.min_batch, -(-batch_size // data) * data)
@@ -253,10 +336,12 @@ class CoalitionGame:
         if mesh is not None and not _placed_on(params, mesh):
             params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.params = params
-        self._prefix_fn = jax.jit(functools.partial(_prefix_cache, graphdef))
-        self._reuse_fn = jax.jit(functools.partial(_scores_reusing_prefix, graphdef))
+        self._header_fn = jax.jit(functools.partial(_header_cache, graphdef), static_argnames="slots")
+        self._gather_fn = jax.jit(_gather_rows)
+        self._extend_fn = jax.jit(functools.partial(_extend, graphdef), donate_argnums=1)
+        self._leaf_fn = jax.jit(functools.partial(_leaf_scores, graphdef))
         self._plain_fn = jax.jit(functools.partial(_scores_without_reuse, graphdef))
-        self._prefix_memo: dict[bytes, KVCache] = {}
+        self._header_memo: dict[tuple[bytes, int], KVCache] = {}
 
     def prompt(self, case: Case) -> ValuePrompt:
         return tokenize_value_prompt(self.tokenizer, case)
@@ -271,6 +356,128 @@ class CoalitionGame:
         coalitions = np.asarray(coalitions, dtype=bool)
         if coalitions.ndim != 2 or coalitions.shape[1] != prompt.n:
             raise ValueError(f"coalitions must be bool[K, {prompt.n}], got shape {coalitions.shape}")
+        if len(coalitions) == 0:
+            return np.zeros(0, np.float32)
+        if not self.reuse_prefix:
+            return self._values_without_reuse(prompt, coalitions)
+        return self._values_tree(prompt, coalitions)
+
+    # -- the prefix tree -------------------------------------------------------------------------------------
+
+    def _padded(self, k: int) -> int:
+        """Rows a chunk of k rows is padded to: min_batch·2^j, at most batch_size (few compiled shapes)."""
+        k_pad = self.min_batch
+        while k_pad < k:
+            k_pad *= 2
+        return min(k_pad, self.batch_size)
+
+    def _plan(self, prompt: ValuePrompt, coalitions: np.ndarray) -> list[_Level]:
+        n = prompt.n
+        fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
+        bounds = plan_levels(fact_lens, coalitions) if self.share_facts else [n]
+        levels, start = [], prompt.prefix.size
+        index = {b"": 0}  # row of each node of the previous level, keyed by its restriction's bytes
+        for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
+            rows = coalitions if b == n else np.unique(coalitions[:, :b], axis=0)
+            no_tokens = np.zeros(0, np.int32)
+            tokens = [np.concatenate([no_tokens, *(prompt.facts[i] for i in range(a, b) if r[i])]) for r in rows]
+            if b == n:
+                tokens = [np.concatenate([t, prompt.question[:-1]]) for t in tokens]
+            parent = np.array([index[r[:a].tobytes()] for r in rows], dtype=np.int32)
+            level = _Level(a=a, b=b, parent=parent, rows=rows, tokens=tokens, start=start)
+            self._chunk_level(level)
+            levels.append(level)
+            index, offset = {}, 0
+            for nodes, _ in level.chunks:
+                index.update((rows[node].tobytes(), offset + j) for j, node in enumerate(nodes))
+                offset += self._padded(len(nodes))
+            start += level.width
+        return levels
+
+    def _chunk_level(self, level: _Level) -> None:
+        """Cuts a level's nodes into chunks (node indices, slots written), nodes sorted by token count; nodes
+        with no new tokens (all facts of the level dropped) go in chunks of width 0: copies of their parents."""
+        lengths = np.array([t.size for t in level.tokens])
+        order = np.argsort(lengths, kind="stable")
+        empty, order = order[lengths[order] == 0], order[lengths[order] > 0]
+        level.chunks = [(empty[at : at + self.batch_size], 0) for at in range(0, len(empty), self.batch_size)]
+        at = 0
+        for size in chunk_sizes(len(order), self.min_batch, self.batch_size):
+            nodes = order[at : at + size]
+            level.chunks.append((nodes, segment_bucket(int(lengths[nodes].max()))))
+            at += size
+        level.width = max((width for _, width in level.chunks), default=0)
+
+    def _values_tree(self, prompt: ValuePrompt, coalitions: np.ndarray) -> np.ndarray:
+        levels = self._plan(prompt, coalitions)
+        tail, targets, valid = self._tail(prompt)
+        p, leaf = prompt.prefix.size, levels[-1]
+        slots = length_bucket(leaf.start + leaf.width + tail.size)
+        fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
+        cache = self._header(prompt, slots)
+        out = np.empty(len(coalitions), np.float32)
+        for depth, level in enumerate(levels):
+            pieces = []
+            for nodes, width in level.chunks:
+                k, k_pad = len(nodes), self._padded(len(nodes))
+                parent = np.zeros(k_pad, np.int32)
+                parent[:k] = level.parent[nodes]
+                rows_cache = self._gather_fn(cache, parent)
+                if self.mesh is not None:
+                    rows_cache = jax.device_put(rows_cache, NamedSharding(self.mesh, PartitionSpec("data")))
+                if width == 0:
+                    pieces.append(rows_cache)
+                    continue
+                tokens = np.full((k_pad, width), self.pad_id, np.int32)
+                key_valid = np.zeros((k_pad, slots), bool)
+                key_valid[:, :p] = True
+                lengths = np.full(k_pad, p, np.int64)  # tokens before this level's, per row
+                for j, node in enumerate(nodes):
+                    ids = level.tokens[node]
+                    tokens[j, : ids.size] = ids
+                    for above in levels[:depth]:
+                        kept = int(level.rows[node][above.a : above.b] @ fact_lens[above.a : above.b])
+                        key_valid[j, above.start : above.start + kept] = True
+                        lengths[j] += kept
+                    key_valid[j, level.start : level.start + ids.size] = True
+                positions = (lengths[:, None] + np.arange(width)[None, :]).astype(np.int32)
+                args = (self._shard(tokens), self._shard(positions))
+                if level is not leaf:
+                    pieces.append(
+                        self._extend_fn(self.params, rows_cache, *args, self._shard(key_valid), np.int32(level.start))
+                    )
+                    continue
+                key_valid[:, level.start + width : level.start + width + tail.size] = True
+                lengths += np.array([level.tokens[node].size for node in nodes] + [0] * (k_pad - k))
+                tail_positions = (lengths[:, None] + np.arange(tail.size)[None, :]).astype(np.int32)
+                scores = self._leaf_fn(
+                    self.params,
+                    rows_cache,
+                    *args,
+                    self._shard(key_valid),
+                    np.int32(level.start),
+                    tail,
+                    self._shard(tail_positions),
+                    targets,
+                    valid,
+                )
+                out[nodes] = np.asarray(scores)[:k]
+            if level is not leaf:
+                cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *pieces)
+        return out
+
+    def _header(self, prompt: ValuePrompt, slots: int) -> KVCache:
+        key = (prompt.prefix.tobytes(), slots)
+        if key not in self._header_memo:
+            cache = self._header_fn(self.params, prompt.prefix[None], slots=slots)
+            if self.mesh is not None:
+                cache = jax.device_put(cache, NamedSharding(self.mesh, PartitionSpec()))
+            self._header_memo[key] = cache
+        return self._header_memo[key]
+
+    # -- no reuse: each row's whole prompt in one forward (the reference) --------------------------------------
+
+    def _values_without_reuse(self, prompt: ValuePrompt, coalitions: np.ndarray) -> np.ndarray:
         fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
         body_lens = coalitions @ fact_lens + prompt.question.size - 1
         order = np.argsort(body_lens, kind="stable")
@@ -279,8 +486,18 @@ class CoalitionGame:
         start = 0
         for size in chunk_sizes(len(coalitions), self.min_batch, self.batch_size):
             rows = order[start : start + size]
-            out[rows] = self._chunk(prompt, coalitions[rows], body_lens[rows], tail, targets, valid)
             start += size
+            k, k_pad = len(rows), self._padded(len(rows))
+            body = np.full((k_pad, length_bucket(int(body_lens[rows].max()))), self.pad_id, np.int32)
+            for j, keep in enumerate(coalitions[rows]):
+                ids = np.concatenate([*kept_facts(prompt, keep), prompt.question[:-1]])
+                body[j, : ids.size] = ids
+            lens = np.zeros(k_pad, np.int32)
+            lens[:k] = body_lens[rows]
+            scores = self._plain_fn(
+                self.params, prompt.prefix, self._shard(body), self._shard(lens), tail, targets, valid
+            )
+            out[rows] = np.asarray(scores)[:k]
         return out
 
     def _tail(self, prompt: ValuePrompt):
@@ -291,36 +508,6 @@ class CoalitionGame:
         targets = np.zeros(slots, np.int32)
         targets[:a] = prompt.answer
         return tail, targets, np.arange(slots) < a
-
-    def _chunk(self, prompt: ValuePrompt, coalitions, body_lens, tail, targets, valid) -> np.ndarray:
-        k = len(coalitions)  # at most batch_size
-        k_pad = self.min_batch
-        while k_pad < k:
-            k_pad *= 2
-        k_pad = min(k_pad, self.batch_size)
-        lb = length_bucket(int(body_lens.max()))
-        body = np.full((k_pad, lb), self.pad_id, np.int32)
-        question = prompt.question[:-1]
-        for row, keep in enumerate(coalitions):
-            ids = np.concatenate([*kept_facts(prompt, keep), question])
-            body[row, : ids.size] = ids
-        lens = np.zeros(k_pad, np.int32)
-        lens[:k] = body_lens
-        body, lens = self._shard(body), self._shard(lens)
-        if self.reuse_prefix:
-            scores = self._reuse_fn(self.params, self._prefix(prompt), body, lens, tail, targets, valid)
-        else:
-            scores = self._plain_fn(self.params, prompt.prefix, body, lens, tail, targets, valid)
-        return np.asarray(scores)[:k]
-
-    def _prefix(self, prompt: ValuePrompt) -> KVCache:
-        key = prompt.prefix.tobytes()
-        if key not in self._prefix_memo:
-            cache = self._prefix_fn(self.params, prompt.prefix[None])
-            if self.mesh is not None:
-                cache = jax.device_put(cache, NamedSharding(self.mesh, PartitionSpec()))
-            self._prefix_memo[key] = cache
-        return self._prefix_memo[key]
 
     def _shard(self, x: np.ndarray) -> jax.Array | np.ndarray:
         if self.mesh is None:

@@ -32,8 +32,14 @@ from promed_jax.sharding import make_mesh
 from promed_jax.text.prompts import SHAPLEY_PROMPT_VERSION
 
 
-def estimator_options(name: str, shapley: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword options the config gives an estimator."""
+def case_budget(shapley: Mapping[str, Any], n: int) -> int:
+    """Distinct coalitions a sampling estimator may spend on an n-fact case: `budget` if set, else
+    `budget_per_fact`·(n + 1)."""
+    return int(shapley["budget"]) if shapley["budget"] > 0 else int(shapley["budget_per_fact"]) * (n + 1)
+
+
+def estimator_options(name: str, shapley: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The keyword options the config gives an estimator for an n-fact case."""
     if name == "exact":
         return {}
     if name == "tmc":
@@ -44,7 +50,7 @@ def estimator_options(name: str, shapley: Mapping[str, Any]) -> dict[str, Any]:
             "convergence_tol": shapley["convergence_tol"],
             "batch_permutations": shapley["batch_permutations"],
         }
-    return {"budget": shapley["budget"]}
+    return {"budget": case_budget(shapley, n)}
 
 
 def case_seed(seed: int, case_id: str) -> int:
@@ -55,7 +61,7 @@ def case_seed(seed: int, case_id: str) -> int:
 def estimate_case(value_fn: MemoValue, n: int, shapley: Mapping[str, Any], seed: int) -> tuple[np.ndarray, int, str]:
     """(φ float64[n], distinct coalitions evaluated, estimator name) by the configured chooser."""
     name, estimator = choose_estimator(n, exact_max_n=shapley["exact_max_n"], fallback=shapley["estimator"])
-    phi, n_evals = estimator(value_fn, n, key=seed, **estimator_options(name, shapley))
+    phi, n_evals = estimator(value_fn, n, key=seed, **estimator_options(name, shapley, n))
     return phi, n_evals, name
 
 
