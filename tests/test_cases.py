@@ -168,6 +168,7 @@ def test_mediq_with_facts_field_instead_of_atomic_facts(tmp_path):
 
 
 def test_dataset_round_trip(tmp_path):
+    pytest.importorskip("datasets")  # a declared dependency; absent on the lent GPU machine
     cases = [
         Case("a:1", "a", "en", "info", "q?", {"A": "x", "B": "y"}, ("B",), ("f1", "f2"), ()),
         Case("b:2", "b", "zh", "信息", "问？", {"A": "甲", "B": "乙", "C": "丙"}, ("A", "C"), ("事实",), (0,)),

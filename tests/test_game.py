@@ -143,8 +143,9 @@ def test_plan_levels_by_hand():
     everything = est.all_coalitions(2)  # 00, 10, 01, 11
     # Flat: every row computes its kept facts, 0 + 10 + 10 + 20 = 40 tokens. Cut after fact 0: the node
     # "fact 0 kept" computes 10 tokens once (+ 8 overhead), the leaves compute fact 1 twice: 18 + 20 = 38.
-    assert game_lib.plan_levels(lens, everything, node_cost=8) == [1, 2]
-    assert game_lib.plan_levels(lens, everything, node_cost=12) == [2]  # 22 + 20 > 40
+    assert game_lib.plan_levels(lens, everything, node_cost=8, level_cost=0) == [1, 2]
+    assert game_lib.plan_levels(lens, everything, node_cost=12, level_cost=0) == [2]  # 22 + 20 > 40
+    assert game_lib.plan_levels(lens, everything, node_cost=0, level_cost=3) == [2]  # 10 + 3 + 20 + 3 > 40 + 3
     assert game_lib.plan_levels(lens, np.ones((1, 2), bool)) == [2]  # nothing shared: flat
     bounds = game_lib.plan_levels(np.array([5] * 6), est.all_coalitions(6))  # all coalitions: a deep tree
     assert len(bounds) >= 4 and bounds[-1] == 6 and bounds == sorted(set(bounds))

@@ -226,17 +226,21 @@ def _scores_without_reuse(graphdef, params, prefix, body, body_len, tail, target
 
 
 def segment_bucket(length: int) -> int:
-    """Slots for a segment of `length` new tokens: 8 or 16 for short fact segments, else `length_bucket`."""
-    return 8 if length <= 8 else length_bucket(length)
+    """Slots for a segment of `length` new tokens: a multiple of 8 up to 64 (fact runs and leaves are short,
+    and padding them costs as much as computing them), `length_bucket` above."""
+    return -(-max(length, 1) // 8) * 8 if length <= 64 else length_bucket(length)
 
 
-def plan_levels(fact_lens: np.ndarray, coalitions: np.ndarray, *, node_cost: float = 8.0) -> list[int]:
+def plan_levels(
+    fact_lens: np.ndarray, coalitions: np.ndarray, *, node_cost: float = 8.0, level_cost: float = 16.0
+) -> list[int]:
     """Where to cut the fact list into the levels of a prefix tree, for these coalitions.
 
     A level [a, b) has one node per distinct restriction of the coalitions to facts [0, b) whose facts in
     [a, b) are not all dropped (those reuse their parent); a node computes the kept tokens of [a, b) once for
     all the coalitions below it. Returns boundaries 0 < b_1 < ... < b_m = n minimizing the tokens computed,
-    with `node_cost` tokens charged per computed node (padding, copies): a shortest path over the boundaries.
+    with `node_cost` tokens charged per computed node (padding, copies) and `level_cost` per level (one more
+    pass over the weights per chunk): a shortest path over the boundaries.
     [n] alone is the flat layout, every coalition computing all its kept facts.
     """
     n = coalitions.shape[1]
@@ -253,7 +257,7 @@ def plan_levels(fact_lens: np.ndarray, coalitions: np.ndarray, *, node_cost: flo
         suffix = np.cumsum(kept[:, ::-1], axis=1)[:, ::-1]  # [U, b]: column a = tokens in [a, b)
         computed = suffix > 0
         cost = (suffix + node_cost * computed).sum(0) if b < n else suffix.sum(0)
-        totals = best[:b] + cost
+        totals = best[:b] + cost + level_cost
         previous[b] = int(np.argmin(totals))
         best[b] = totals[previous[b]]
     bounds = [n]
