@@ -141,14 +141,16 @@ def test_prefix_reuse_equals_no_reuse(game, model, tokenizer):
 def test_plan_levels_by_hand():
     lens = np.array([10, 10])
     everything = est.all_coalitions(2)  # 00, 10, 01, 11
-    # Flat: every row computes its kept facts, 0 + 10 + 10 + 20 = 40 tokens. Cut after fact 0: the node
-    # "fact 0 kept" computes 10 tokens once (+ 8 overhead), the leaves compute fact 1 twice: 18 + 20 = 38.
-    assert game_lib.plan_levels(lens, everything, node_cost=8, level_cost=0) == [1, 2]
-    assert game_lib.plan_levels(lens, everything, node_cost=12, level_cost=0) == [2]  # 22 + 20 > 40
-    assert game_lib.plan_levels(lens, everything, node_cost=0, level_cost=3) == [2]  # 10 + 3 + 20 + 3 > 40 + 3
-    assert game_lib.plan_levels(lens, np.ones((1, 2), bool)) == [2]  # nothing shared: flat
-    bounds = game_lib.plan_levels(np.array([5] * 6), est.all_coalitions(6))  # all coalitions: a deep tree
-    assert len(bounds) >= 4 and bounds[-1] == 6 and bounds == sorted(set(bounds))
+    sizes = {"min_batch": 1, "batch_size": 16}
+    # Flat: one forward of 4 rows of 24 slots (the longest row, 20 tokens, rounded up to 8s): 96 + c.
+    # Cut after fact 0: the node "fact 0 kept" (16 slots) + c, then 4 leaves of 16 slots + c: 80 + 2c.
+    assert game_lib.level_cost(np.array([1, 10, 10, 20]), call_cost=5, **sizes) == 5 + 4 * 24
+    assert game_lib.level_cost(np.array([0, 10, 0]), call_cost=5, **sizes) == 5 + 16  # empty nodes are copies
+    assert game_lib.plan_levels(lens, everything, call_cost=15, **sizes) == [1, 2]
+    assert game_lib.plan_levels(lens, everything, call_cost=17, **sizes) == [2]
+    assert game_lib.plan_levels(lens, np.ones((1, 2), bool), call_cost=0, **sizes) == [2]  # nothing shared
+    bounds = game_lib.plan_levels(np.array([5] * 6), est.all_coalitions(6), **sizes)  # all coalitions: a tree
+    assert len(bounds) >= 3 and bounds[-1] == 6 and bounds == sorted(set(bounds))
 
 
 def test_fact_tree_equals_flat_layout(game, model, tokenizer):
@@ -203,9 +205,9 @@ def test_smollm2_batched_equals_separate_on_medqa(data_dir):
     smol_game = game_lib.CoalitionGame(model, tokenizer, batch_size=4)
     prompt = smol_game.prompt(case)
     rng = np.random.default_rng(0)
-    coalitions = np.concatenate(
-        [np.zeros((1, case.n_facts), bool), np.ones((1, case.n_facts), bool), rng.random((2, case.n_facts)) < 0.5]
-    )
+    some = rng.random((3, case.n_facts)) < 0.5
+    coalitions = np.concatenate([np.zeros((1, case.n_facts), bool), np.ones((1, case.n_facts), bool), some, ~some])
+    assert len(smol_game._plan(prompt, coalitions)) > 1  # the fact tree is exercised, not only the flat layout
     batched = smol_game.values(prompt, coalitions)
     separate = np.array([separate_value(model, prompt, c) for c in coalitions])
     np.testing.assert_allclose(batched, separate, atol=1e-4, rtol=0)

@@ -97,6 +97,15 @@ def test_estimator_choice_follows_config():
     assert run_lib.case_seed(0, "a:1") == run_lib.case_seed(0, "a:1") != run_lib.case_seed(0, "a:2")
 
 
+def test_budget_scales_with_facts_unless_set():
+    config = shapley_config.get_config().shapley
+    assert config.estimator == "kernel_shap" and config.budget == 0 and config.exact_max_n == 10
+    assert run_lib.case_budget(config, 11) == config.budget_per_fact * 12
+    assert run_lib.estimator_options("kernel_shap", config, 20) == {"budget": config.budget_per_fact * 21}
+    config.budget = 100
+    assert run_lib.case_budget(config, 11) == run_lib.case_budget(config, 30) == 100
+
+
 def shapley_command(workdir, *overrides):
     return [
         sys.executable,

@@ -231,35 +231,63 @@ def segment_bucket(length: int) -> int:
     return -(-max(length, 1) // 8) * 8 if length <= 64 else length_bucket(length)
 
 
+def padded_rows(k: int, min_batch: int, batch_size: int) -> int:
+    """Rows a chunk of k rows is padded to: min_batch·2^j, at most batch_size (few compiled shapes)."""
+    k_pad = min_batch
+    while k_pad < k:
+        k_pad *= 2
+    return min(k_pad, batch_size)
+
+
+def level_cost(lengths: np.ndarray, *, min_batch: int, batch_size: int, call_cost: float) -> float:
+    """Slots one level's forwards compute, padded as the game pads them (nodes sorted by length, chunked,
+    rows and widths rounded up), plus `call_cost` per forward for its fixed cost; nodes of length 0 are free."""
+    lengths = np.sort(lengths[lengths > 0])
+    cost, at = 0.0, 0
+    for size in chunk_sizes(len(lengths), min_batch, batch_size):
+        cost += call_cost + padded_rows(size, min_batch, batch_size) * segment_bucket(int(lengths[at + size - 1]))
+        at += size
+    return cost
+
+
 def plan_levels(
-    fact_lens: np.ndarray, coalitions: np.ndarray, *, node_cost: float = 8.0, level_cost: float = 16.0
+    fact_lens: np.ndarray,
+    coalitions: np.ndarray,
+    *,
+    leaf_tokens: int = 0,
+    min_batch: int = 1,
+    batch_size: int = 16,
+    call_cost: float = 32.0,
 ) -> list[int]:
     """Where to cut the fact list into the levels of a prefix tree, for these coalitions.
 
     A level [a, b) has one node per distinct restriction of the coalitions to facts [0, b) whose facts in
-    [a, b) are not all dropped (those reuse their parent); a node computes the kept tokens of [a, b) once for
-    all the coalitions below it. Returns boundaries 0 < b_1 < ... < b_m = n minimizing the tokens computed,
-    with `node_cost` tokens charged per computed node (padding, copies) and `level_cost` per level (one more
-    pass over the weights per chunk): a shortest path over the boundaries.
-    [n] alone is the flat layout, every coalition computing all its kept facts.
+    [a, b) are not all dropped (those copy their parent); a node computes the kept tokens of [a, b) once for
+    all the coalitions below it. The leaves (b = n) are the coalitions, each also computing `leaf_tokens`
+    more (the question). Returns boundaries 0 < b_1 < ... < b_m = n minimizing `level_cost` summed over the
+    levels: a shortest path over the boundaries. [n] alone is the flat layout, each coalition computing all
+    its kept facts. `call_cost` is a forward's fixed cost in slots (on 2 CPU cores about 30: ~50 ms).
     """
     n = coalitions.shape[1]
     if n == 0:
         return [0]
-    lens = np.asarray(fact_lens, dtype=np.float64)
+    sizes = {"min_batch": min_batch, "batch_size": batch_size, "call_cost": call_cost}
+    lens = np.asarray(fact_lens, dtype=np.int64)
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
     previous = np.zeros(n + 1, dtype=np.int64)
     for b in range(1, n + 1):
         nodes = coalitions[:, :b] if b == n else np.unique(coalitions[:, :b], axis=0)
         # tokens of every node over [a, b) for all a at once: suffix sums of the kept lengths
-        kept = nodes * lens[:b]
-        suffix = np.cumsum(kept[:, ::-1], axis=1)[:, ::-1]  # [U, b]: column a = tokens in [a, b)
-        computed = suffix > 0
-        cost = (suffix + node_cost * computed).sum(0) if b < n else suffix.sum(0)
-        totals = best[:b] + cost + level_cost
-        previous[b] = int(np.argmin(totals))
-        best[b] = totals[previous[b]]
+        suffix = np.cumsum((nodes * lens[:b])[:, ::-1], axis=1)[:, ::-1]  # [U, b]: column a = tokens in [a, b)
+        extra = leaf_tokens if b == n else 0
+        for a in range(b):
+            lengths = suffix[:, a] + extra if b == n else suffix[:, a]
+            if b == n:
+                lengths = np.maximum(lengths, 1)  # a leaf always runs (it scores the answer)
+            total = best[a] + level_cost(lengths, **sizes)
+            if total < best[b]:
+                best[b], previous[b] = total, a
     bounds = [n]
     while bounds[-1] > 0 and previous[bounds[-1]] > 0:
         bounds.append(int(previous[bounds[-1]]))
@@ -315,6 +343,7 @@ class CoalitionGame:
         prompt in one cache-free forward (False; the reference the tests compare against).
       share_facts: with `reuse_prefix`, share fact prefixes between coalitions through the tree (True) or
         compute each coalition's kept facts itself (False: the flat layout).
+      call_cost: a forward's fixed cost in token slots, for planning the tree (`plan_levels`).
     """
 
     def __init__(
@@ -327,12 +356,14 @@ class CoalitionGame:
         mesh: Mesh | None = None,
         reuse_prefix: bool = True,
         share_facts: bool = True,
+        call_cost: float = 32.0,
     ):
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.mesh = mesh
         self.reuse_prefix = reuse_prefix
         self.share_facts = share_facts
+        self.call_cost = call_cost
         data = 1 if mesh is None else mesh.shape["data"]
         self.min_batch = -(-max(min_batch, data) // data) * data
         self.batch_size = max(self.min_batch, -(-batch_size // data) * data)
@@ -369,16 +400,21 @@ class CoalitionGame:
     # -- the prefix tree -------------------------------------------------------------------------------------
 
     def _padded(self, k: int) -> int:
-        """Rows a chunk of k rows is padded to: min_batch·2^j, at most batch_size (few compiled shapes)."""
-        k_pad = self.min_batch
-        while k_pad < k:
-            k_pad *= 2
-        return min(k_pad, self.batch_size)
+        return padded_rows(k, self.min_batch, self.batch_size)
 
     def _plan(self, prompt: ValuePrompt, coalitions: np.ndarray) -> list[_Level]:
         n = prompt.n
         fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
-        bounds = plan_levels(fact_lens, coalitions) if self.share_facts else [n]
+        bounds = [n]
+        if self.share_facts:
+            bounds = plan_levels(
+                fact_lens,
+                coalitions,
+                leaf_tokens=prompt.question.size - 1,
+                min_batch=self.min_batch,
+                batch_size=self.batch_size,
+                call_cost=self.call_cost,
+            )
         levels, start = [], prompt.prefix.size
         index = {b"": 0}  # row of each node of the previous level, keyed by its restriction's bytes
         for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
@@ -389,7 +425,7 @@ class CoalitionGame:
                 tokens = [np.concatenate([t, prompt.question[:-1]]) for t in tokens]
             parent = np.array([index[r[:a].tobytes()] for r in rows], dtype=np.int32)
             level = _Level(a=a, b=b, parent=parent, rows=rows, tokens=tokens, start=start)
-            self._chunk_level(level)
+            self._chunk_level(level, leaf=b == n)
             levels.append(level)
             index, offset = {}, 0
             for nodes, _ in level.chunks:
@@ -398,12 +434,14 @@ class CoalitionGame:
             start += level.width
         return levels
 
-    def _chunk_level(self, level: _Level) -> None:
-        """Cuts a level's nodes into chunks (node indices, slots written), nodes sorted by token count; nodes
-        with no new tokens (all facts of the level dropped) go in chunks of width 0: copies of their parents."""
+    def _chunk_level(self, level: _Level, *, leaf: bool) -> None:
+        """Cuts a level's nodes into chunks (node indices, slots written), nodes sorted by token count; above
+        the leaves, nodes with no new tokens (all facts of the level dropped) go in chunks of width 0: copies
+        of their parents. Every leaf runs: it scores the answer."""
         lengths = np.array([t.size for t in level.tokens])
         order = np.argsort(lengths, kind="stable")
-        empty, order = order[lengths[order] == 0], order[lengths[order] > 0]
+        empty = order[:0] if leaf else order[lengths[order] == 0]
+        order = order if leaf else order[lengths[order] > 0]
         level.chunks = [(empty[at : at + self.batch_size], 0) for at in range(0, len(empty), self.batch_size)]
         at = 0
         for size in chunk_sizes(len(order), self.min_batch, self.batch_size):
