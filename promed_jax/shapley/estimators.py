@@ -310,8 +310,9 @@ def kernel_shap(
     samples = np.concatenate([full, sampled])
 
     def estimate(memo: MemoValue) -> np.ndarray:
-        v_empty, v_full = _endpoints(memo)
-        values = memo(samples)
+        ends = np.stack([np.zeros(n, bool), np.ones(n, bool)])
+        v_empty, v_full, *values = memo(np.concatenate([ends, samples]))  # one batch: one tree, one pass
+        values = np.asarray(values)
         x = samples.astype(np.float64)
         a_inv = np.linalg.pinv((x * weights[:, None]).T @ x)
         b = (x * weights[:, None]).T @ (values - v_empty)
