@@ -289,7 +289,8 @@ def kernel_shap(
     With the weighted Gram matrix A = Σ w z zᵀ and b = Σ w z (v(z) − v(∅)), φ = A⁺(b − 1·(1ᵀA⁺b − (v(F) − v(∅)))
     /(1ᵀA⁺1)), so Σφ = v(F) − v(∅) exactly. The sample Gram matrix (not its expectation) is used: on smooth,
     LM-like games its errors cancel those of b, which measured several times lower error at small budgets.
-    On 39 SmolLM2/MedQA games with 5-10 facts, enumerating strata halved the L1 error at budgets 2(n+1)-4(n+1).
+    On 36 SmolLM2/MedQA games with 5-10 facts, enumerating strata cut the median L1 error from 0.455 to 0.177 at
+    2(n+1) coalitions and from 0.254 to 0.133 at 4(n+1) (experiments/study_estimators.py).
     """
     if n == 1:
         return exact(value_fn, n)
