@@ -239,15 +239,26 @@ def padded_rows(k: int, min_batch: int, batch_size: int) -> int:
     return min(k_pad, batch_size)
 
 
-def level_cost(lengths: np.ndarray, *, min_batch: int, batch_size: int, call_cost: float) -> float:
-    """Slots one level's forwards compute, padded as the game pads them (nodes sorted by length, chunked,
-    rows and widths rounded up), plus `call_cost` per forward for its fixed cost; nodes of length 0 are free."""
-    lengths = np.sort(lengths[lengths > 0])
-    cost, at = 0.0, 0
-    for size in chunk_sizes(len(lengths), min_batch, batch_size):
-        cost += call_cost + padded_rows(size, min_batch, batch_size) * segment_bucket(int(lengths[at + size - 1]))
+def chunk_nodes(lengths: np.ndarray, *, min_batch: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+    """How the game cuts a level's nodes into forwards: the nodes with new tokens (length > 0) sorted by
+    length, in chunks of `chunk_sizes`; each chunk is (node indices, slots written = its longest, rounded up)."""
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    chunks, at = [], 0
+    for size in chunk_sizes(len(order), min_batch, batch_size):
+        nodes = order[at : at + size]
+        chunks.append((nodes, segment_bucket(int(lengths[nodes[-1]]))))
         at += size
-    return cost
+    return chunks
+
+
+def level_cost(lengths: np.ndarray, *, min_batch: int, batch_size: int, call_cost: float) -> float:
+    """Slots one level's forwards compute, padded as the game pads them (`chunk_nodes`, rows rounded up by
+    `padded_rows`), plus `call_cost` per forward for its fixed cost; nodes of length 0 are free copies."""
+    return sum(
+        call_cost + padded_rows(len(nodes), min_batch, batch_size) * width
+        for nodes, width in chunk_nodes(lengths, min_batch=min_batch, batch_size=batch_size)
+    )
 
 
 def plan_levels(
@@ -284,7 +295,7 @@ def plan_levels(
         for a in range(b):
             lengths = suffix[:, a] + extra if b == n else suffix[:, a]
             if b == n:
-                lengths = np.maximum(lengths, 1)  # a leaf always runs (it scores the answer)
+                lengths = np.maximum(lengths, 1)  # a leaf always runs (it scores the answer), as in _chunk_level
             total = best[a] + level_cost(lengths, **sizes)
             if total < best[b]:
                 best[b], previous[b] = total, a
@@ -435,19 +446,15 @@ class CoalitionGame:
         return levels
 
     def _chunk_level(self, level: _Level, *, leaf: bool) -> None:
-        """Cuts a level's nodes into chunks (node indices, slots written), nodes sorted by token count; above
-        the leaves, nodes with no new tokens (all facts of the level dropped) go in chunks of width 0: copies
-        of their parents. Every leaf runs: it scores the answer."""
+        """Cuts a level's nodes into chunks (`chunk_nodes`); above the leaves, nodes with no new tokens (all
+        facts of the level dropped) go in chunks of width 0: copies of their parents. Every leaf runs: it
+        scores the answer."""
         lengths = np.array([t.size for t in level.tokens])
-        order = np.argsort(lengths, kind="stable")
-        empty = order[:0] if leaf else order[lengths[order] == 0]
-        order = order if leaf else order[lengths[order] > 0]
+        if leaf:
+            lengths = np.maximum(lengths, 1)
+        empty = np.flatnonzero(lengths == 0)
         level.chunks = [(empty[at : at + self.batch_size], 0) for at in range(0, len(empty), self.batch_size)]
-        at = 0
-        for size in chunk_sizes(len(order), self.min_batch, self.batch_size):
-            nodes = order[at : at + size]
-            level.chunks.append((nodes, segment_bucket(int(lengths[nodes].max()))))
-            at += size
+        level.chunks += chunk_nodes(lengths, min_batch=self.min_batch, batch_size=self.batch_size)
         level.width = max((width for _, width in level.chunks), default=0)
 
     def _values_tree(self, prompt: ValuePrompt, coalitions: np.ndarray) -> np.ndarray:
