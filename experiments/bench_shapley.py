@@ -44,15 +44,14 @@ from promed_jax.shapley.game import CoalitionGame, ValuePrompt, coalition_ids
 from promed_jax.text.tokenizer import load_tokenizer
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "medqa_dev_convo.jsonl"
-DEFAULT_PER_FACT = 4  # configs/base.py shapley.budget_per_fact
 # key: (label, estimator, budget per fact or None): the methods of (b), in table order.
 OURS = {
     "exact": ("exact", "exact", None),
     "exact_flat": ("exact, flat layout", "exact", None),
     "tmc": ("tmc (paper's estimator)", "tmc", None),
     "ks2": ("kernel_shap 2(n+1)", "kernel_shap", 2),
-    "ks4": ("kernel_shap 4(n+1) (default)", "kernel_shap", 4),
-    "ks8": ("kernel_shap 8(n+1)", "kernel_shap", 8),
+    "ks4": ("kernel_shap 4(n+1)", "kernel_shap", 4),
+    "ks8": ("kernel_shap 8(n+1) (default above n = 10)", "kernel_shap", 8),
     "antithetic": ("antithetic 4(n+1)", "antithetic", 4),
     "permutation": ("permutation 4(n+1)", "permutation", 4),
 }
@@ -277,7 +276,7 @@ def report(rows: list[dict]) -> None:
             f"| {key} | {med(key, 0):.2f} | {med(key, 1):.0f} | {med(key, 2):.3f} | {paper_s / med(key, 0):.1f}x | "
             f"{wins}/{len(rows)} |"
         )
-    exact, flat, default = "(b) exact", "(b) exact, flat layout", "(b) kernel_shap 4(n+1) (default)"
+    exact, flat, default = "(b) exact", "(b) exact, flat layout", "(b) kernel_shap 8(n+1) (default above n = 10)"
     per_forward = statistics.median(r[paper][0] / r[paper][1] for r in rows)
     per_coalition = {k: statistics.median(r[k][0] / r[k][1] for r in rows) for k in (exact, flat) if k in rows[0]}
     print(
