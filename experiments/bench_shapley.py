@@ -223,7 +223,7 @@ def main() -> None:
         (paper_phi, _), paper_s = timed(est.tmc, paper, prompt.n, key=seed, batch_permutations=1, **PAPER_TMC)
         memo = est.MemoValue(torch_value_fn(torch_model, prompt), prompt.n)
         (memo_phi, memo_evals), memo_s = timed(est.tmc, memo, prompt.n, key=seed, batch_permutations=1, **PAPER_TMC)
-        ends = np.stack([np.zeros(prompt.n, bool), np.ones(prompt.n, bool)])
+        ends = est.endpoint_coalitions(prompt.n)
         agree = float(np.abs(memo(ends) - games["tree"].values(prompt, ends)).max())
         row = {
             "case": case.id,

@@ -155,6 +155,17 @@ def test_complete_strata():
     assert len(coalitions) == 10 and set(coalitions.sum(1)) == {1, 4}
 
 
+def test_kernel_shap_on_many_players():
+    # n = 35 (the most facts of a MedQA case): the enumerated sizes are built size by size, never from all
+    # 2^35 coalitions. On an additive game any full-rank sample gives φ exactly.
+    n = 35
+    a = np.random.default_rng(3).normal(size=n)
+    phi, n_evals = est.kernel_shap(lambda c: np.asarray(c, float) @ a, n, budget=8 * (n + 1), key=0)
+    assert n_evals <= 8 * (n + 1)
+    np.testing.assert_allclose(phi, a, atol=1e-8)
+    assert len(est.sizes_coalitions(n, [1, 34])) == 70
+
+
 @pytest.mark.parametrize("n", [2, 3, 6])
 def test_kernel_shap_with_every_coalition_is_exact(n):
     table = random_table(n, 11)

@@ -13,6 +13,7 @@ Monte-Carlo), `antithetic`, `kernel_shap` (paired). `choose_estimator` picks exa
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -86,9 +87,14 @@ def _counted(estimate: Callable[[MemoValue], np.ndarray], value_fn: ValueFn, n: 
     return np.asarray(phi, dtype=np.float64), memo.n_evals - before
 
 
+def endpoint_coalitions(n: int) -> np.ndarray:
+    """bool[2, n]: ∅ and F."""
+    return np.stack([np.zeros(n, bool), np.ones(n, bool)])
+
+
 def _endpoints(memo: MemoValue) -> tuple[float, float]:
     """(v(∅), v(F))."""
-    v = memo(np.stack([np.zeros(memo.n, bool), np.ones(memo.n, bool)]))
+    v = memo(endpoint_coalitions(memo.n))
     return float(v[0]), float(v[1])
 
 
@@ -268,9 +274,12 @@ def complete_strata(n: int, budget: int) -> list[int]:
 
 
 def sizes_coalitions(n: int, sizes: list[int]) -> np.ndarray:
-    """bool[K, n]: every coalition whose size is in `sizes`."""
-    everything = all_coalitions(n)
-    return everything[np.isin(everything.sum(1), sizes)]
+    """bool[K, n]: every coalition whose size is in `sizes`, size by size (never all 2^n: n may be 35)."""
+    rows = [list(members) for size in sizes for members in itertools.combinations(range(n), size)]
+    out = np.zeros((len(rows), n), bool)
+    for row, members in enumerate(rows):
+        out[row, members] = True
+    return out
 
 
 @registry.register(KIND, "kernel_shap")
@@ -311,8 +320,9 @@ def kernel_shap(
     samples = np.concatenate([full, sampled])
 
     def estimate(memo: MemoValue) -> np.ndarray:
-        ends = np.stack([np.zeros(n, bool), np.ones(n, bool)])
-        v_empty, v_full, *values = memo(np.concatenate([ends, samples]))  # one batch: one tree, one pass
+        v_empty, v_full, *values = memo(
+            np.concatenate([endpoint_coalitions(n), samples])
+        )  # one batch: one tree, one pass
         values = np.asarray(values)
         x = samples.astype(np.float64)
         a_inv = np.linalg.pinv((x * weights[:, None]).T @ x)

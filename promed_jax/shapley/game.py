@@ -291,11 +291,10 @@ def plan_levels(
         nodes = coalitions[:, :b] if b == n else np.unique(coalitions[:, :b], axis=0)
         # tokens of every node over [a, b) for all a at once: suffix sums of the kept lengths
         suffix = np.cumsum((nodes * lens[:b])[:, ::-1], axis=1)[:, ::-1]  # [U, b]: column a = tokens in [a, b)
-        extra = leaf_tokens if b == n else 0
         for a in range(b):
-            lengths = suffix[:, a] + extra if b == n else suffix[:, a]
-            if b == n:
-                lengths = np.maximum(lengths, 1)  # a leaf always runs (it scores the answer), as in _chunk_level
+            lengths = suffix[:, a]
+            if b == n:  # a leaf adds the question and always runs (it scores the answer), as in _chunk_level
+                lengths = np.maximum(lengths + leaf_tokens, 1)
             total = best[a] + level_cost(lengths, **sizes)
             if total < best[b]:
                 best[b], previous[b] = total, a
