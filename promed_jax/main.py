@@ -12,8 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from promed_jax.data.cases import CaseError
-from promed_jax.data.sources import REPO_ROOT, DataConfigError
+from promed_jax.data.sources import REPO_ROOT
+from promed_jax.errors import PromedError
 
 # Stage files import `configs.base`; the configs folder sits beside the package in the repository.
 if str(REPO_ROOT) not in sys.path:
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     except (StageMissing, UnknownMode) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    except (CaseError, DataConfigError, FileNotFoundError) as e:  # bad data: the message names file, record, field
+    except (PromedError, FileNotFoundError) as e:  # a user error: the message names the file, record, field or key
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from promed_jax.errors import BackendError
+
+__all__ = ["BackendError", "ChatBackend", "Message"]
+
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
-
-
-class BackendError(RuntimeError):
-    """A backend could not produce a reply (server down, malformed answer, retries exhausted)."""
 
 
 class ChatBackend(Protocol):

@@ -12,6 +12,8 @@ from typing import Any
 
 from absl import logging
 
+from promed_jax.errors import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -65,7 +67,7 @@ _CONTINUATION = re.compile(r"^\s*[-•*]\s+")  # an indented "- ..." line contin
 _SENTENCE_END = ("。", ".", "!", "?", "！", "？")
 
 
-class CaseError(ValueError):
+class CaseError(DataError):
     """A malformed record or file; the message names the file, the line or record and the field path."""
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from promed_jax.data import synthetic
 from promed_jax.data.cases import FORMATS, INITIAL_INFO_POLICIES, Case, LoadResult, read_cases
+from promed_jax.errors import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -18,7 +19,7 @@ def resolve_path(path: str) -> pathlib.Path:
     return p if p.is_absolute() else (REPO_ROOT / p).resolve()
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A bad value in the config's `data` section (named as `data.<field>`)."""
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from promed_jax import io
+from promed_jax.errors import CheckpointError
 from promed_jax.models.config import ModelConfig
 from promed_jax.models.lora import BASE_PARAMS, merged_weights
 from promed_jax.models.transformer import Transformer
@@ -105,10 +106,6 @@ _SAFETENSORS_DTYPES: Mapping[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as given (the message names the file and the tensor)."""
 
 
 @dataclasses.dataclass(frozen=True)
