@@ -44,10 +44,17 @@ def data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "synthetic"  # 'synthetic' (the synthetic clinic) | 'files' (the paths below)
     c.paths = ()  # files to load when kind='files'; relative paths are relative to the repository root
+    c.sources = ()  # one source name per path ('' = the file's stem): ids are `<source>:<original id>`
     c.format = ""  # '' = detect from content | 'mediq' | 'promed_medqa' | 'cmb'
     c.initial_info = ""  # '' = the format's default (paper) | 'first_sentence' | 'half_facts'
     c.on_error = "skip"  # a malformed record: 'skip' (counted and logged) | 'raise'
-    c.limit = 0  # keep only the first `limit` valid cases per file; 0 = all
+    # Selection (promed_jax/data/sources.py), in this order: split, ids, fact range, limit.
+    c.split = ""  # 'train' | 'dev' | 'test' | 'all'; '' = the stage's: train for training stages, test for eval
+    c.split_fractions = (0.8, 0.1, 0.1)  # train, dev, test, by a hash of the case id
+    c.ids = ()  # only these case ids (each must exist and be in the split)
+    c.min_facts = 0
+    c.max_facts = 0  # 0 = no bound
+    c.limit = 0  # keep only the first `limit` selected cases per file; 0 = all
     c.synthetic_n = 64  # cases of the synthetic clinic
     c.synthetic_seed = 0
     return c

@@ -6,7 +6,9 @@ import ml_collections
 
 from configs import base
 
-EVAL_CASES = 50  # the first 50 valid MedQA cases for the real-model presets
+# The real-model presets evaluate the first 50 cases of the test split: data.split='' means the eval stage's
+# default, 'test' (promed_jax/data/sources.py), so no case that training reads is evaluated.
+EVAL_CASES = 50
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from promed_jax.data import (
     resolve_path,
     to_dataset,
 )
+from promed_jax.data.sources import split_of
 
 MEDQA = "medqa_dev_convo.jsonl"
 CMB = "cmb_atomic_patient_train.json"
@@ -47,7 +48,7 @@ def test_medqa_loads_1269_cases_and_reports_the_three_empty_ones(medqa):
         f"{MEDQA} line {i + 1} (id {i}): field 'atomic_facts': no facts" for i in EMPTY_MEDQA_IDS
     )
     ids = {case.id for case in medqa.cases}
-    assert len(ids) == 1269 and not ids & {f"medqa:{i}" for i in EMPTY_MEDQA_IDS}
+    assert len(ids) == 1269 and not ids & {f"medqa_dev_convo:{i}" for i in EMPTY_MEDQA_IDS}
     assert all(len(case.options) == 4 and case.language == "en" and case.known == () for case in medqa.cases)
 
 
@@ -59,7 +60,7 @@ def test_medqa_stops_at_the_first_empty_case_when_asked(data_dir):
 def test_medqa_first_case_follows_the_mediq_convention(medqa, data_dir):
     raw = json.loads((data_dir / MEDQA).read_text(encoding="utf-8").split("\n", 1)[0])
     case = medqa.cases[0]
-    assert case.id == "medqa:0" and case.source == "medqa"
+    assert case.id == "medqa_dev_convo:0" and case.source == "medqa_dev_convo"
     assert case.initial_info == raw["context"][0]
     assert case.question == raw["question"]
     assert case.answer == (raw["answer_idx"],) and case.gold_text == raw["answer"]
@@ -68,7 +69,7 @@ def test_medqa_first_case_follows_the_mediq_convention(medqa, data_dir):
 
 
 def test_medqa_indented_lines_continue_the_fact_above(medqa):
-    case = next(c for c in medqa.cases if c.id == "medqa:698")
+    case = next(c for c in medqa.cases if c.id == "medqa_dev_convo:698")
     assert case.n_facts == 8
     assert case.facts[6] == (
         "Preoperative serum studies: Na+ 138 mEq/L, K+ 6.1 mEq/L, Cl- 100 mEq/L, HCO3- 22 mEq/L, "
@@ -88,7 +89,7 @@ def test_cmb_loads_1000_cases_dropping_and_counting_padding(cmb):
 
 
 def test_cmb_initial_information_is_the_first_half_of_the_facts(cmb):
-    case = next(c for c in cmb.cases if c.id == "cmb:2750")
+    case = next(c for c in cmb.cases if c.id == "cmb_atomic_patient_train:2750")
     assert case.language == "zh" and case.n_facts == 5
     assert case.known == (0, 1)
     assert case.initial_info == "患者是13岁，患者在玩游戏时被物体刮伤小腿。"
@@ -105,20 +106,20 @@ def test_cmb_multi_answer_gold_text_is_joined_in_letter_order(cmb):
 def test_promed_examples_load(data_dir):
     medqa = read_cases(data_dir / PROMED_MEDQA)
     assert medqa.fmt == "promed_medqa"
-    assert [c.id for c in medqa.cases] == ["promed_medqa:1", "promed_medqa:9"]
+    assert [c.id for c in medqa.cases] == ["medqa_atomic_data_example:1", "medqa_atomic_data_example:9"]
     assert all(len(c.options) == 5 for c in medqa.cases)
     first = medqa.cases[0]
     assert first.initial_info == "A 3-month-old baby died suddenly at night while asleep."
     assert first.question == "Which of the following precautions could have prevented the death of the baby?"
     assert first.answer == ("A",) and first.n_facts == 4
     cmb = read_cases(data_dir / PROMED_CMB)
-    assert cmb.fmt == "cmb" and [c.id for c in cmb.cases] == ["cmb:10010"]
+    assert cmb.fmt == "cmb" and [c.id for c in cmb.cases] == ["cmb_atomic_patient_example:10010"]
     assert cmb.cases[0].known == (0, 1, 2, 3)
 
 
 def test_first_50_valid_medqa_cases_skip_the_empty_ones(data_dir):
     cases = load_cases(data_dir / MEDQA, on_error="skip", limit=50)
-    assert len(cases) == 50 and cases[-1].id == "medqa:49"
+    assert len(cases) == 50 and cases[-1].id == "medqa_dev_convo:49"
 
 
 def test_half_facts_policy_on_medqa(data_dir):
@@ -129,13 +130,17 @@ def test_half_facts_policy_on_medqa(data_dir):
         assert case.initial_info.startswith(case.facts[0]) if half else case.initial_info == ""
 
 
-def test_smollm_eval_preset_loads_the_first_50_valid_medqa_cases(data_dir):
+def test_smollm_eval_preset_takes_50_cases_of_the_test_split_that_training_never_reads(data_dir):
     from configs import eval as eval_config
+    from configs import shapley as shapley_config
 
     config = eval_config.get_config("smollm")
     assert resolve_path(config.data.paths[0]) == (data_dir / MEDQA).resolve()
-    cases = cases_from_config(config.data)
-    assert len(cases) == 50 and all(case.source == "medqa" for case in cases)
+    cases = cases_from_config(config.data, stage="eval")
+    assert len(cases) == 50 and all(case.source == "medqa_dev_convo" for case in cases)
+    assert {split_of(case.id, config.data.split_fractions) for case in cases} == {"test"}
+    train = cases_from_config(shapley_config.get_config("smollm").data, stage="shapley")
+    assert len(train) > 900 and not {c.id for c in train} & {c.id for c in cases}
 
 
 # --- conventions, without the shared data ---------------------------------------------------------------------
@@ -213,4 +218,4 @@ def test_bad_data_config_is_named(field, value, message):
     config = base.get_config()
     config.data[field] = value
     with pytest.raises(DataConfigError, match=re.escape(message)):
-        load_from_config(config.data)
+        load_from_config(config.data, stage="data")

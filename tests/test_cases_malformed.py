@@ -285,7 +285,7 @@ def test_skip_counts_every_bad_record_and_keeps_the_rest(tmp_path):
     )
     path.write_bytes(content)
     result = read_cases(path, on_error="skip")
-    assert [c.id for c in result.cases] == ["medqa:1", "medqa:3", "medqa:5"]
+    assert [c.id for c in result.cases] == ["m:1", "m:3", "m:5"]
     assert len(result.errors) == 5
     assert result.errors[0] == "m.jsonl line 2 (id 2): field 'atomic_facts': no facts"
     assert result.errors[1] == "m.jsonl line 4 (id 3): field 'id': duplicate of line 3"

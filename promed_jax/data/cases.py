@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ from typing import Any
 from absl import logging
 
 from promed_jax.errors import DataError
+from promed_jax.fields import FieldError, require, string_list, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +23,8 @@ class Case:
 
     Attributes:
       id: `<source>:<original id>` (original ids collide across files).
-      source: short dataset name, e.g. `medqa`, `promed_medqa`, `cmb`, `synthetic`.
+      source: the file the case came from: its stem (e.g. `medqa_dev_convo`) unless the config names it
+        (`data.sources`); `synthetic` for the synthetic clinic.
       language: `en` or `zh`.
       initial_info: what the doctor is told at the start (text).
       question: the atomic question (the inquiry without the patient's details).
@@ -54,12 +57,18 @@ class Case:
     def multi_answer(self) -> bool:
         return len(self.answer) > 1
 
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over the facts, question, options and answer: what a stored result of this
+        case depends on, so a record of another case with the same id is recognised (promed.md §6)."""
+        content = json.dumps([self.facts, self.question, list(self.options.items()), self.answer])
+        return hashlib.sha256(content.encode("ascii")).hexdigest()[:16]
+
 
 # --- Loaders and validation ---------------------------------------------------------------------------
 
 FORMATS = ("mediq", "promed_medqa", "cmb")
 INITIAL_INFO_POLICIES = ("first_sentence", "half_facts")
-DEFAULT_SOURCE = {"mediq": "medqa", "promed_medqa": "promed_medqa", "cmb": "cmb"}
 DEFAULT_INITIAL_INFO = {"mediq": "first_sentence", "promed_medqa": "first_sentence", "cmb": "half_facts"}
 LANGUAGE = {"mediq": "en", "promed_medqa": "en", "cmb": "zh"}
 _NUMBERING = re.compile(r"^\s*\d+\s*[.)]\s+")  # MediQ facts are numbered "1. ..."
@@ -106,51 +115,21 @@ class _Record:
     error: str = ""
 
 
-class _RecordError(Exception):
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field '{field}': {problem}")
-
-
-def _require(record: Mapping[str, Any], field: str, kind: type | tuple[type, ...]) -> Any:
-    if field not in record:
-        raise _RecordError(field, "missing")
-    value = record[field]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise _RecordError(field, f"expected {names}, got {type(value).__name__}")
-    return value
-
-
-def _text(record: Mapping[str, Any], field: str) -> str:
-    value = _require(record, field, str).strip()
-    if not value:
-        raise _RecordError(field, "empty text")
-    return value
-
-
-def _string_list(record: Mapping[str, Any], field: str) -> list[str]:
-    values = _require(record, field, list)
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            raise _RecordError(f"{field}[{i}]", f"expected str, got {type(value).__name__}")
-    return values
-
-
 def _options(record: Mapping[str, Any], field: str, *, drop_padding: bool) -> tuple[dict[str, str], int]:
     """Letter -> text, letters in order; returns the options and how many empty padding options were dropped.
 
     Padding is a run of empty options at the end (CMB); any other empty option is an error.
     """
-    raw = _require(record, field, dict)
+    raw = require(record, field, dict)
     if not raw:
-        raise _RecordError(field, "no options")
+        raise FieldError(field, "no options")
     options: dict[str, str] = {}
     for letter in sorted(raw):
         if not (isinstance(letter, str) and len(letter) == 1 and "A" <= letter <= "Z"):
-            raise _RecordError(f"{field}.{letter}", "option keys must be single letters A-Z")
+            raise FieldError(f"{field}.{letter}", "option keys must be single letters A-Z")
         text = raw[letter]
         if not isinstance(text, str):
-            raise _RecordError(f"{field}.{letter}", f"expected str, got {type(text).__name__}")
+            raise FieldError(f"{field}.{letter}", f"expected str, got {type(text).__name__}")
         options[letter] = text.strip()
     n_padding = 0
     if drop_padding:
@@ -159,9 +138,9 @@ def _options(record: Mapping[str, Any], field: str, *, drop_padding: bool) -> tu
             n_padding += 1
     for letter, text in options.items():
         if not text:
-            raise _RecordError(f"{field}.{letter}", "empty option text")
+            raise FieldError(f"{field}.{letter}", "empty option text")
     if len(options) < 2:
-        raise _RecordError(field, f"{len(options)} non-empty option(s); at least 2 are needed")
+        raise FieldError(field, f"{len(options)} non-empty option(s); at least 2 are needed")
     return options, n_padding
 
 
@@ -169,16 +148,16 @@ def _answer(
     record: Mapping[str, Any], field: str, raw_options: Mapping[str, Any], options: Mapping[str, str]
 ) -> tuple[str, ...]:
     """The gold letters, sorted; each must name a non-empty option (multi-letter answers are CMB's)."""
-    letters = _text(record, field).upper()
+    letters = text(record, field).upper()
     if not letters.isalpha():
-        raise _RecordError(field, f"{letters!r} is not option letters")
+        raise FieldError(field, f"{letters!r} is not option letters")
     for letter in letters:
         if letter not in raw_options:
-            raise _RecordError(field, f"letter {letter} is not among the options {''.join(raw_options)}")
+            raise FieldError(field, f"letter {letter} is not among the options {''.join(raw_options)}")
         if letter not in options:
-            raise _RecordError(field, f"gold option {letter} has empty text")
+            raise FieldError(field, f"gold option {letter} has empty text")
     if len(set(letters)) != len(letters):
-        raise _RecordError(field, f"{letters!r} repeats a letter")
+        raise FieldError(field, f"{letters!r} repeats a letter")
     return tuple(sorted(letters))
 
 
@@ -193,7 +172,7 @@ def _mediq_facts(lines: list[str], field: str) -> tuple[str, ...]:
             continue
         fact = _CONTINUATION.sub("", _NUMBERING.sub("", line)).strip()
         if not fact:
-            raise _RecordError(f"{field}[{i}]", "empty fact")
+            raise FieldError(f"{field}[{i}]", "empty fact")
         facts.append(fact)
     return tuple(facts)
 
@@ -207,7 +186,7 @@ def _plain_facts(lines: list[str], field: str) -> tuple[tuple[str, ...], int]:
         n_padding += 1
     for i, fact in enumerate(facts):
         if not fact:
-            raise _RecordError(f"{field}[{i}]", "empty fact")
+            raise FieldError(f"{field}[{i}]", "empty fact")
     return tuple(facts), n_padding
 
 
@@ -223,9 +202,9 @@ def _initial_info(
 ) -> tuple[str, tuple[int, ...]]:
     """promed.md §1: `first_sentence` = context[0], no fact known; `half_facts` = the first ⌊n/2⌋ facts, known."""
     if policy == "first_sentence":
-        context = _string_list(record, "context")
+        context = string_list(record, "context")
         if not context or not context[0].strip():
-            raise _RecordError("context[0]", "no first sentence for the initial information")
+            raise FieldError("context[0]", "no first sentence for the initial information")
         return _sentence(context[0], language), ()
     half = len(facts) // 2
     if language == "zh":  # the reference code: facts joined with "，", ended with "。"
@@ -237,29 +216,29 @@ def _initial_info(
 
 def _record_id(record: Any) -> str:
     if not isinstance(record, dict):
-        raise _RecordError("<record>", f"expected a JSON object, got {type(record).__name__}")
-    raw = _require(record, "id", (int, str))
+        raise FieldError("<record>", f"expected a JSON object, got {type(record).__name__}")
+    raw = require(record, "id", (int, str))
     if isinstance(raw, str) and not raw.strip():
-        raise _RecordError("id", "empty text")
+        raise FieldError("id", "empty text")
     return str(raw).strip()
 
 
 def _parse_record(record: dict, fmt: str, policy: str, source: str) -> tuple[Case, int, int]:
-    """One validated Case and the numbers of empty padding options and facts dropped; raises _RecordError."""
+    """One validated Case and the numbers of empty padding options and facts dropped; raises FieldError."""
     original_id = _record_id(record)
     language = LANGUAGE[fmt]
     options_field, answer_field = ("option", "answer") if fmt == "cmb" else ("options", "answer_idx")
     options, n_padding = _options(record, options_field, drop_padding=fmt == "cmb")
     answer = _answer(record, answer_field, record[options_field], options)
-    question = _text(record, "question" if fmt == "mediq" else "atomic_question")
+    question = text(record, "question" if fmt == "mediq" else "atomic_question")
     if fmt == "mediq":
         facts_field = "atomic_facts" if "atomic_facts" in record else "facts"
-        facts, facts_padding = _mediq_facts(_string_list(record, facts_field), facts_field), 0
+        facts, facts_padding = _mediq_facts(string_list(record, facts_field), facts_field), 0
     else:
         facts_field = "facts"
-        facts, facts_padding = _plain_facts(_string_list(record, "facts"), "facts")
+        facts, facts_padding = _plain_facts(string_list(record, "facts"), "facts")
     if not facts:
-        raise _RecordError(facts_field, "no facts")
+        raise FieldError(facts_field, "no facts")
     initial_info, known = _initial_info(record, facts, policy, language)
     case = Case(
         id=f"{source}:{original_id}",
@@ -348,7 +327,7 @@ def read_cases(
       fmt: one of FORMATS; None detects it from the first record's fields.
       initial_info: 'first_sentence' | 'half_facts'; None = the format's default (promed.md §1).
       on_error: 'raise' stops at the first malformed record; 'skip' skips it and records its message.
-      source: the case source name (prefix of ids); None = the format's default.
+      source: the case source name (prefix of ids); None = the file's stem.
       limit: keep the first `limit` valid cases; 0 keeps all.
     """
     path = pathlib.Path(path)
@@ -372,7 +351,7 @@ def read_cases(
         except (TypeError, ValueError) as e:
             raise CaseError(f"{path.name} {readable[0].where}: {e}") from None
     policy = initial_info or DEFAULT_INITIAL_INFO[fmt]
-    source = source or DEFAULT_SOURCE[fmt]
+    source = source or path.stem
     cases: list[Case] = []
     first_seen: dict[str, str] = {}
     dropped = records_dropped = dropped_facts = 0
@@ -387,8 +366,8 @@ def read_cases(
         try:
             case, n_padding, facts_padding = _parse_record(record.data, fmt, policy, source)
             if case.id in first_seen:
-                raise _RecordError("id", f"duplicate of {first_seen[case.id]}")
-        except _RecordError as e:
+                raise FieldError("id", f"duplicate of {first_seen[case.id]}")
+        except FieldError as e:
             if on_error == "raise":
                 raise CaseError(f"{label}: {e}") from None
             errors.append(f"{label}: {e}")

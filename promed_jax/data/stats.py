@@ -79,7 +79,7 @@ def markdown_table(stats: Sequence[SourceStats]) -> str:
 
 def run(config, workdir: str) -> list[SourceStats]:
     """Loads the configured data, prints the table and writes `{workdir}/data/stats.md`."""
-    results = load_from_config(config.data)
+    results = load_from_config(config.data, stage="data")
     stats = collect(results)
     table = markdown_table(stats)
     print(table, end="")
