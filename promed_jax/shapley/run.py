@@ -1,8 +1,11 @@
 """The shapley stage: φ and w for every configured case, appended to the per-source cache as it goes.
 
 `python -m promed_jax.main --config=configs/shapley.py[:preset] --workdir=DIR` writes
-`DIR/shapley/<source>.jsonl` (promed.md §6), resumes where a killed run stopped, and with
-`--config.shapley.plot=True` draws a bar chart of each case's fact weights under `DIR/shapley/plots/`.
+`DIR/shapley/<source>.jsonl` (promed.md §6) for the cases training reads (the train split unless `data.split`
+says otherwise), resumes where a killed run stopped, and with `--config.shapley.plot=True` draws a bar chart of
+each case's fact weights under `DIR/shapley/plots/`. A resumed run must be the same run: the cached records'
+cases (fingerprints) and the folder's `run.json` (config, weights, prompt version: `promed_jax.provenance`) are
+checked before anything is computed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from absl import logging
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from promed_jax import assets
+from promed_jax import provenance
 from promed_jax.data.cases import Case
 from promed_jax.data.sources import cases_from_config
 from promed_jax.io import JsonlWriter, atomic_write_bytes
@@ -65,15 +68,6 @@ def estimate_case(value_fn: MemoValue, n: int, shapley: Mapping[str, Any], seed:
     return phi, n_evals, name
 
 
-def describe_model(model: Mapping[str, Any]) -> str:
-    """A short name of θ for the cache: kind, file or folder, and the seed of a random tiny model."""
-    if model["kind"] == "tiny":
-        return f"tiny:seed{model['seed']}"
-    if model["kind"] == "gguf" and not model["path"]:
-        return f"gguf:{assets.SMOLLM2_GGUF}"
-    return f"{model['kind']}:{pathlib.Path(model['path']).name}"
-
-
 def plot_weights(case: Case, record: cache_lib.ShapleyRecord, path: pathlib.Path) -> None:
     """A horizontal bar chart of the fact weights (PNG), written atomically."""
     labels = [f if len(f) <= 60 else f[:57] + "..." for f in case.facts]
@@ -108,30 +102,44 @@ def _make_game(config) -> CoalitionGame:
 def run(config, workdir: str) -> dict[str, pathlib.Path]:
     """Computes and caches φ and w for every configured case not cached yet; returns the cache files."""
     shapley = config.shapley
-    cases = cases_from_config(config.data)
+    cases = cases_from_config(config.data, stage="shapley")
     by_source: dict[str, list[Case]] = {}
     for case in cases:
         by_source.setdefault(case.source, []).append(case)
-    model_name = describe_model(config.model)
-    todo: dict[str, list[Case]] = {}
+    done: dict[str, dict[str, cache_lib.ShapleyRecord]] = {}
     for source, group in by_source.items():
         path = cache_lib.cache_path(workdir, source)
-        done = cache_lib.read_cache(path)
-        cache_lib.check_compatible(done.values(), model=model_name, prompt_version=SHAPLEY_PROMPT_VERSION, path=path)
-        todo[source] = [c for c in group if c.id not in done]
-        logging.info("shapley: %s: %d cases, %d cached, %d to do", source, len(group), len(done), len(todo[source]))
-    if any(todo.values()):
-        game = _make_game(config)
-    for source, group in todo.items():
-        if not group:
+        done[source] = cache_lib.read_cache(path)
+        cache_lib.check_cases(done[source], group, path=path)
+    # The model is loaded even when every case is cached: its weights are what run.json is checked against.
+    game = _make_game(config)
+    weights = provenance.weights_hash(game.params)
+    model_name = provenance.model_label(config.model, weights)
+    folder = pathlib.Path(workdir) / "shapley"
+    provenance.check_or_write(
+        folder,
+        provenance.make(config, "shapley", weights=weights, prompt_version=SHAPLEY_PROMPT_VERSION),
+        has_results=any(path.stat().st_size for path in folder.glob("*.jsonl")),
+        hint="use another workdir",
+    )
+    for source, group in by_source.items():
+        path = cache_lib.cache_path(workdir, source)
+        cache_lib.check_compatible(
+            done[source].values(), model=model_name, prompt_version=SHAPLEY_PROMPT_VERSION, path=path
+        )
+        todo = [c for c in group if c.id not in done[source]]
+        cached = len(group) - len(todo)
+        logging.info("shapley: %s: %d cases, %d cached, %d to do", source, len(group), cached, len(todo))
+        if not todo:
             continue
-        with JsonlWriter(cache_lib.cache_path(workdir, source)) as writer:
-            for case in tqdm(group, desc=f"shapley {source}", unit="case"):
+        with JsonlWriter(path) as writer:
+            for case in tqdm(todo, desc=f"shapley {source}", unit="case"):
                 phi, n_evals, name = estimate_case(
                     game.value_fn(case), case.n_facts, shapley, case_seed(shapley.seed, case.id)
                 )
                 record = cache_lib.ShapleyRecord(
                     id=case.id,
+                    fingerprint=case.fingerprint,
                     n=case.n_facts,
                     phi=tuple(phi.tolist()),
                     w=tuple(shapley_weights(phi, tau=shapley.tau).tolist()),
