@@ -1,8 +1,10 @@
 """Evaluation: metrics and report, resume without redoing cases, and a SIGKILL half-way through a real run."""
 
+import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,9 @@ import pytest
 from promed_jax.consult.patients import FactSelectPatient
 from promed_jax.data import synthetic
 from promed_jax.evaluation import report
-from promed_jax.evaluation.evaluate import evaluate_mode
+from promed_jax.errors import CacheError
+from promed_jax.evaluation.evaluate import evaluate_mode, read_results, run
+from promed_jax.models.loader import load_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -169,3 +173,97 @@ def test_resume_refuses_another_runs_lines(tmp_path):
     _evaluate(cases[:2], path, CountingDoctor(), model="tiny:default")
     with pytest.raises(ValueError, match="written with .*'model': 'tiny:default'.* choose another eval.run"):
         _evaluate(cases, path, CountingDoctor(), model="gguf:default")
+
+
+def _valid_line(tmp_path):
+    """One finished line of the proactive mode, as the evaluation writes it."""
+    (case,) = synthetic.make_cases(1, seed=2)
+    (line,) = _evaluate([case], tmp_path / "one.jsonl", CountingDoctor())
+    return case, line
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.update(correct="no"), "field 'correct': expected bool, got str"),
+        (lambda r: r.update(answered=1), "field 'answered': expected bool, got int"),
+        (lambda r: r.pop("fingerprint"), "field 'fingerprint': missing"),
+        (lambda r: r.pop("gold"), "field 'gold': missing"),
+        (lambda r: r.update(extra=True), "field 'extra': unexpected field"),
+        (lambda r: r.update(mode="full"), "field 'mode': 'full' in the proactive results"),
+        (lambda r: r.update(n_questions=-1), "field 'n_questions': -1 is below 0"),
+        (lambda r: r.update(n_options="4"), "field 'n_options': expected int, got str"),
+        (lambda r: r.update(gold=[]), "field 'gold': no gold letter"),
+        (lambda r: r.update(gold=["A", "B"]), "field 'multi_answer': False with 2 gold letter\\(s\\)"),
+        (lambda r: r.update(letters=[1]), "field 'letters\\[0\\]': expected str, got int"),
+        (lambda r: r.update(correct=True, answered=False), "field 'correct': true for a case never answered"),
+        (lambda r: r.update(revealed_turn=[0, "1"]), "field 'revealed_turn\\[1\\]': expected a turn >= -1, got '1'"),
+        (lambda r: r.update(turns=[{"role": "assistant"}]), "field 'turns\\[0\\]': field 'content': missing"),
+        (lambda r: r.update(fingerprint="abc"), "field 'fingerprint': 'abc' is not 16 hex digits"),
+        (lambda r: r.update(id=" "), "field 'id': empty text"),
+        ([], "field '<record>': expected a JSON object, got list"),
+    ],
+)
+def test_every_field_of_an_eval_line_is_validated_on_read(tmp_path, edit, message):
+    _, line = _valid_line(tmp_path)
+    if callable(edit):
+        edit(line)
+    else:
+        line = edit
+    path = tmp_path / "proactive.jsonl"
+    path.write_text(json.dumps(_valid_line(tmp_path)[1]) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(CacheError, match=f"^{re.escape(str(path))} line 2: {message}$"):
+        read_results(path, "proactive")
+
+
+def test_a_duplicated_eval_line_is_refused_not_merged(tmp_path):
+    _, line = _valid_line(tmp_path)
+    path = tmp_path / "proactive.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps(line) + "\n")
+    message = f"{path} line 2: field 'id': case {line['id']} appears twice"
+    with pytest.raises(CacheError, match=f"^{re.escape(message)}$"):
+        _evaluate(synthetic.make_cases(1, seed=2), path, CountingDoctor())
+
+
+def test_a_line_of_another_case_with_the_same_id_is_refused(tmp_path):
+    case, _ = _valid_line(tmp_path)
+    other = dataclasses.replace(case, answer=("B",) if case.answer != ("B",) else ("A",))
+    with pytest.raises(CacheError, match=f"one.jsonl: case {case.id}: the stored fingerprint .*choose another eval.run"):
+        _evaluate([other], tmp_path / "one.jsonl", CountingDoctor())
+
+
+def _eval_config(**eval_fields):
+    from configs import eval as eval_config
+
+    config = eval_config.get_config()
+    config.data.synthetic_n = 2
+    config.eval.modes = ("full",)
+    config.eval.max_new_tokens = 4
+    for field, value in eval_fields.items():
+        config.eval[field] = value
+    return config
+
+
+def test_eval_run_records_its_provenance_and_refuses_another_run(tmp_path, monkeypatch):
+    from promed_jax.evaluation import evaluate
+    from promed_jax.models import loader
+
+    run(_eval_config(), str(tmp_path))
+    out = tmp_path / "eval" / "default"
+    written = json.loads((out / "run.json").read_text())
+    assert written["stage"] == "eval" and written["config"]["eval.temperature"] == 0.0
+    assert "eval.batch_size" not in written["config"]
+    lines = [json.loads(line) for line in (out / "full.jsonl").read_text().splitlines()]
+    assert {line["model"] for line in lines} == {f"tiny:seed0@{written['weights']}"}
+    run(_eval_config(batch_size=1), str(tmp_path))  # the batch size does not change results: resumed
+    with pytest.raises(CacheError, match=r"eval\.temperature 0\.0 -> 0\.5; choose another eval.run or workdir$"):
+        run(_eval_config(temperature=0.5), str(tmp_path))
+
+    def trained(section, **kwargs):
+        model, tokenizer = load_model(section, **kwargs)
+        model.embed[...] = model.embed[...] + 1e-3
+        return model, tokenizer
+
+    monkeypatch.setattr(loader, "load_model", trained)
+    with pytest.raises(CacheError, match=r"differs from the one that wrote it: model weights 'sha256:"):
+        evaluate.run(_eval_config(), str(tmp_path))
