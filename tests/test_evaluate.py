@@ -14,8 +14,8 @@ import pytest
 
 from promed_jax.consult.patients import FactSelectPatient
 from promed_jax.data import synthetic
-from promed_jax.evaluation import report
 from promed_jax.errors import CacheError
+from promed_jax.evaluation import report
 from promed_jax.evaluation.evaluate import evaluate_mode, read_results, run
 from promed_jax.models.loader import load_model
 
@@ -245,7 +245,6 @@ def _eval_config(**eval_fields):
 
 
 def test_eval_run_records_its_provenance_and_refuses_another_run(tmp_path, monkeypatch):
-    from promed_jax.evaluation import evaluate
     from promed_jax.models import loader
 
     run(_eval_config(), str(tmp_path))
@@ -266,4 +265,4 @@ def test_eval_run_records_its_provenance_and_refuses_another_run(tmp_path, monke
 
     monkeypatch.setattr(loader, "load_model", trained)
     with pytest.raises(CacheError, match=r"differs from the one that wrote it: model weights 'sha256:"):
-        evaluate.run(_eval_config(), str(tmp_path))
+        run(_eval_config(), str(tmp_path))

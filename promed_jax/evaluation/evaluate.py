@@ -30,7 +30,7 @@ from promed_jax.evaluation import report
 from promed_jax.text import prompts
 
 MODES = ("reactive", "proactive", "full")
-
+_HINT = "choose another eval.run or workdir"  # what to do when a re-run is not the run that wrote the results
 
 FIELDS = (
     "id",
@@ -185,9 +185,6 @@ def read_results(path: str | pathlib.Path, mode: str) -> dict[str, dict]:
             raise CacheError(f"{path} line {lineno}: field 'id': case {line['id']} appears twice")
         done[line["id"]] = line
     return done
-
-
-_HINT = "choose another eval.run or workdir"
 
 
 def _check_compatible(path, records, *, model: str, patient: str) -> None:
