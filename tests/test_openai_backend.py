@@ -4,6 +4,8 @@ redirects refused, and server text redacted."""
 import http.server
 import json
 import logging
+import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from promed_jax.backends.base import BackendError
 from promed_jax.backends.openai import OpenAIBackend
 
 KEY = "sk-test-SECRET-1234"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class _Stub:
@@ -263,3 +266,53 @@ def test_http_client_is_imported_lazily():
         "api_key_env='K', timeout_s=1, max_retries=0))); b.chat([]); assert 'httpx' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The eval entry point with a scripted doctor (a random tiny model never asks, so the patient would never be
+# called): it asks one question per case, then answers A.
+_EVAL_WITH_SCRIPTED_DOCTOR = """
+from absl import app
+import promed_jax.evaluation.evaluate as evaluate
+from promed_jax import main
+
+class Doctor:
+    def chat(self, conversations, **kwargs):
+        return ["question: Do you have a fever?" if len(c) == 1 else "answer: 【answer: A】" for c in conversations]
+
+real = evaluate.make_backend
+evaluate.make_backend = lambda name, cfg, **kw: Doctor() if name == "local" else real(name, cfg, **kw)
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_backend_error_mid_eval_is_one_line_and_keeps_finished_dialogues(server, tmp_path):
+    finished = 3
+    server.script[:] = ["ok"] * finished
+    server.default = "echo500"  # then every patient request fails, with the request's headers in the body
+    args = [
+        "--config=configs/eval.py",
+        f"--workdir={tmp_path}",
+        "--config.data.synthetic_n=6",
+        "--config.eval.modes=('proactive',)",
+        "--config.eval.batch_size=1",
+        "--config.patient.kind=openai",
+        f"--config.backend.base_url={server.base_url}",
+        "--config.backend.api_key_env=PROMED_TEST_KEY",
+        "--config.backend.max_retries=1",
+    ]
+    env = {**os.environ, "PROMED_TEST_KEY": KEY, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(
+        [sys.executable, "-c", _EVAL_WITH_SCRIPTED_DOCTOR, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "giving up after 2 tries: HTTP 500" in errors[0] and "Authorization: ***" in errors[0]
+    assert len(server.requests) == finished + 2
+    lines = (tmp_path / "eval" / "default" / "proactive.jsonl").read_text().splitlines()
+    assert len(lines) == finished
+    assert all(json.loads(line)["turns"][1]["content"] == "echo: Do you have a fever?" for line in lines)
+    written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    for text in (result.stdout, result.stderr, *written):
+        assert (KEY.encode() if isinstance(text, bytes) else KEY) not in text
