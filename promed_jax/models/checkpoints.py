@@ -6,6 +6,10 @@ head layout), `flat` (a flat vector reshaped, e.g. q bias `[H * hd] -> [H, hd]`)
 generic and fails loudly: a checkpoint tensor that maps to nothing, a parameter with no tensor, or a shape
 that does not fit is an error naming the file and the tensor. Pickle checkpoints (`*.bin`, `*.pt`) are
 refused: unpickling runs arbitrary code.
+
+Files are untrusted input: safetensors headers are validated by the `safetensors` library, GGUF layouts here,
+and every tensor's dtype and shape are checked against the model config before any is placed on a device
+(safetensors data is not even read until then); each failure is one `CheckpointError` line.
 """
 
 from __future__ import annotations
@@ -405,8 +409,6 @@ def _gguf_name_to_hf(name: str, source: str) -> str:
 
 # How the gguf parser, which trusts the file, and numpy under it fail on a broken one.
 _GGUF_FAILURES = (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError, EOFError, MemoryError)
-
-
 _GGUF_INTEGER_TYPES = frozenset({"I8", "I16", "I32", "I64"})
 
 
