@@ -24,8 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 class _Stub:
     """Serves a script of behaviours, one per request: 'ok', 'slow', 'http500', 'http429', 'http400',
     'garbage', 'no_choices', 'null_content'; 'echo500', 'echo400' and 'echo200' answer with the request's
-    headers as the body (a gateway that echoes them); 'redirect302' (or another 3xx) redirects to `redirect_to`. After the
-    script runs out it keeps answering `default`. Every request received, of any method, is recorded."""
+    headers as the body (a gateway that echoes them); 'redirect302' (or another 3xx) redirects to
+    `redirect_to`. After the script runs out it keeps answering `default`. Every GET and POST is recorded."""
 
     def __init__(self):
         self.script: list[str] = []
