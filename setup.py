@@ -26,6 +26,7 @@ setup(
         "jinja2>=3.1",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "httpx>=0.27",
     ],
     extras_require={
         # torch only as the CPU wheel 2.13.0: a plain `torch` requirement pulls gigabytes of CUDA.
