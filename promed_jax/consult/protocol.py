@@ -76,6 +76,7 @@ _LETTER_RUN = re.compile(r"[A-Za-z]+")
 _LETTER_TO_TEXT = re.compile(r"[\s:：.．)）\]】*\-–—,，、(（]*")
 # A letter that opens an option entry: `B: ...`, `B. ...`, `B) ...` (an echoed option list, or `A: B: ...`).
 _ENTRY = re.compile(r"(?<![A-Za-z0-9])(?P<letter>[A-Z])[ \t]*[:：.．)）]")
+# The same entry opening a line, after any list, quote or bold marks (matched at the line's start).
 _ENTRY_LINE = re.compile(r"[ \t*#>-]*(?P<letter>[A-Z])[ \t]*[:：.．)）]")
 _RUNAWAY = re.compile(r"(.{2,200}?)\1{3,}$", re.DOTALL)
 _RUNAWAY_MIN_CHARS = 40
