@@ -191,3 +191,79 @@ def test_markerless_turn_is_the_answer_only_where_no_question_is_allowed():
     assert P.parse_doctor_turn(text, options).kind == P.INVALID
     turn = P.parse_doctor_turn(text, options, questions_allowed=False)
     assert turn.kind == P.ANSWER and turn.letters == ("C",)
+
+
+PE = {"A": "Pneumonia", "B": "Pneumothorax", "C": "Acute pericarditis", "D": "Pulmonary embolism"}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a restatement that starts with the article `A` is not option A
+        ("answer: A 45-year-old man with sudden dyspnea after a long flight most likely has pulmonary embolism", ("D",)),
+        ("answer: A 45-year-old man with sudden dyspnea.", ()),
+        ("answer: A pneumothorax.", ("B",)),
+        ("answer: A. Pneumonia", ("A",)),
+        ("answer: A, pneumonia", ("A",)),
+        # letters named mid-sentence after the marker
+        ("answer: The most likely diagnosis is D", ("D",)),
+        ("answer: The answer is not A; it is D.", ("D",)),
+        ("answer: I would choose option D, pulmonary embolism.", ("D",)),
+        ("answer: Sudden dyspnea after a flight suggests an embolus (D).", ("D",)),
+        ("Option (C)", ("C",)),
+        ("answer: **D. Pulmonary embolism**", ("D",)),
+        # no marker: letters at the start of the turn
+        ("D. Pulmonary embolism", ("D",)),
+        ("D: Pulmonary embolism", ("D",)),
+        ("D: PE\n\nThe answer is: PE.", ("D",)),  # nothing after the marker: the turn's start
+        # a letter contradicted by the option text after it commits to neither option
+        ("answer: B: Pulmonary embolism", ()),
+        ("A: Pulmonary embolism", ()),
+        ("A: B: Pneumothorax", ()),
+        ("A: Pneumonia\n\nThe correct answer is D: Pulmonary embolism.", ("D",)),  # the last statement is consistent
+        ("A: Pneumonia\n\nThe correct answer is C: Pulmonary embolism.", ()),
+        # an echoed option list is no answer; a choice after it is
+        ("A: Pneumonia\nB: Pneumothorax\nC: Acute pericarditis", ()),
+        ("A: Pneumonia\nB: Pneumothorax\nC: Acute pericarditis\n\nA: Pneum", ()),  # the list restarted, cut short
+        ("A: Pneumonia\n\nA: Pneumonia\nB: Pneumothorax", ("A",)),  # a choice before the list stands
+        ("A: Pneumonia\nB: Pneumothorax\nC: Acute pericarditis\nD: Pulmonary embolism\n\nThe answer is: D", ("D",)),
+        ("answer: The options are A: Pneumonia, B: Pneumothorax, C: Acute pericarditis. I need more information.", ()),
+        # single-answer option text: the first named after the last `most likely`
+        ("answer: Pneumonia is less likely without fever; the most likely diagnosis is pulmonary embolism.", ("D",)),
+    ],
+)
+def test_answer_extraction_beyond_the_marker(text, expected):
+    assert letters(text, PE) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("answer: 【答案】E", ("E",)),
+        ("answer: 根据病史，答案为E。", ("E",)),
+        ("answer: 腹泻最明显，故选C。", ("C",)),
+        ("answer: 最佳选项为（B）", ("B",)),
+        ("answer: 考虑为腹泻，但需排除发热。", ("C",)),
+    ],
+)
+def test_chinese_letters_named_mid_sentence(text, expected):
+    assert letters(text, OPTS5) == expected
+
+
+def test_option_texts_name_one_option_unless_multi_answer():
+    text = "answer: 患者有发热和咳嗽。"
+    assert P.extract_answer(text, OPTS5) == ("A",)
+    assert P.extract_answer(text, OPTS5, multi_answer=True) == ("A", "B")
+    assert P.extract_answer("A: 发热\nB: 咳嗽", OPTS5) == ()  # a single-answer doctor that lists options chose none
+
+
+def test_option_text_is_a_whole_word_with_either_apostrophe():
+    opts = {"A": "Gastrin", "B": "Kaposi’s sarcoma"}
+    assert letters("answer: a gastrinoma", opts) == ()
+    assert letters("answer: Kaposi's sarcoma", opts) == ("B",)
+
+
+def test_answer_turn_without_letters_has_none():
+    assert P.parse_doctor_turn("answer: I cannot decide.", OPTS) == P.DoctorTurn(kind=P.ANSWER, letters=())
+    turn = P.parse_doctor_turn("answer: 患者有发热和咳嗽。", OPTS5, multi_answer=True)
+    assert turn.letters == ("A", "B")

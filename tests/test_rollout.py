@@ -157,6 +157,15 @@ def test_markerless_turn_is_no_answer_when_asking_is_allowed():
     assert d.letters == () and not d.correct and d.end == protocol.END_NO_MARKER
 
 
+@pytest.mark.parametrize("mode", ["proactive", "reactive"])
+def test_answer_turn_without_a_letter_is_unanswered(mode):
+    from promed_jax.consult.rollout import consult
+
+    case = synthetic.make_cases(1, seed=3)[0]
+    (d,) = consult([case], ScriptedDoctor("answer: I cannot decide."), FactSelectPatient(), mode=mode)
+    assert d.letters == () and not d.correct and not d.answered and d.end == protocol.END_NO_LETTER
+
+
 def test_patient_sees_the_earlier_questions_and_replies():
     from promed_jax.consult.patients import PatientReply
     from promed_jax.consult.rollout import consult

@@ -72,7 +72,50 @@ def test_state_values_and_sig_by_hand():
 
 @pytest.mark.parametrize(
     "reply, verdict",
-    [("True", True), ("false.", False), ("The answer is TRUE", True), ("正确", True), ("错误", False), ("maybe", None)],
+    [
+        ("True", True),
+        ("true.", True),
+        ("The answer is TRUE", True),
+        ("**True**", True),
+        ("True, the context says she smokes.", True),
+        ("False", False),
+        ("false.", False),
+        ("False. The context does not mention smoking.", False),
+        ("untrue", False),
+        # negations right before the verdict word flip it
+        ("Not true.", False),
+        ("It is not true.", False),
+        ("That isn't true", False),
+        ("Not entirely true.", False),
+        ("not false", True),
+        ("It is not stated, so False.", False),  # the negation is in another clause
+        ("False, not True.", False),  # the first verdict decides
+        # the prompt's question and rule echoed back are not verdicts
+        ("True or False? False", False),
+        ("True or False? True", True),
+        ("True/False: False", False),
+        ("Answer True if the context states the input, otherwise False. False", False),
+        ("如果上下文明确包含该输入信息，回答 True，否则回答 False。False", False),
+        ("True or False?", None),
+        # Chinese
+        ("正确", True),
+        ("对", True),
+        ("这是正确的。", True),
+        ("错误", False),
+        ("错", False),
+        ("不正确", False),
+        ("不对", False),
+        ("并不正确", False),
+        ("不是正确的", False),
+        ("对于该患者，错误", False),  # 对于 (regarding) is no verdict
+        # no verdict: a defined None, counted as not covered and as unparsed
+        ("", None),
+        ("   ", None),
+        ("maybe", None),
+        ("I cannot tell", None),
+        ("Falsehood", None),
+        ("Yes", None),
+    ],
 )
 def test_parse_judgement(reply, verdict):
     assert sig.parse_judgement(reply) is verdict
@@ -96,9 +139,37 @@ def test_paper_mode_equals_exact_mode_with_verbatim_patient():
 
 
 def test_paper_mode_counts_unparsed_as_not_covered():
-    got = sig.paper_coverage(FakeBackend(judge_reply="I cannot tell"), [(make_case(known=(1,)), [("q?", FACTS[0])])])
-    np.testing.assert_array_equal(got[0].coverage, [[0, 1, 0], [0, 0, 0]])
-    assert got[0].unparsed == 3
+    got = sig.paper_coverage(FakeBackend(judge_reply="I cannot tell"), [(make_case(known=(2,)), [("q?", FACTS[0])])])
+    # the fact known at the start stays covered (coverage only grows); the others are not covered
+    np.testing.assert_array_equal(got[0].coverage, [[0, 0, 1], [0, 0, 1]])
+    assert got[0].unparsed == 3 and got[0].dropped == 1
+
+
+class ForgetfulBackend(FakeBackend):
+    """An understanding model that keeps only the patient's last reply: a fact revealed at turn 1 drops out of
+    U_2, and the judge (True when the fact is in the context) says False for it there."""
+
+    def _reply(self, prompt):
+        if prompt.startswith("Context:"):
+            return super()._reply(prompt)
+        return re.findall(r"(?:Patient|患者)[:：](.*)", prompt)[-1].strip()
+
+
+def test_paper_mode_coverage_only_grows():
+    case = make_case()
+    turns = [("How old are you?", FACTS[0]), ("Do you smoke?", FACTS[2])]
+    (got,) = sig.paper_coverage(ForgetfulBackend(), [(case, turns)])
+    assert got.understanding == (FACTS[0], FACTS[2])  # U_2 has lost fact 0
+    np.testing.assert_array_equal(got.coverage, [[0, 0, 0], [1, 0, 0], [1, 0, 1]])
+    assert got.dropped == 1 and got.unparsed == 0
+    result = sig.sig_from_coverage(np.array([0.6, 0.3, 0.1]), got.coverage)
+    np.testing.assert_allclose(result.per_turn, [0.6, 0.1])
+    assert (result.per_turn >= 0).all()
+
+
+def test_sig_refuses_coverage_that_shrinks():
+    with pytest.raises(ValueError, match=r"only grow .*fact 0 is covered at turn 1, not at 2"):
+        sig.sig_from_coverage(np.array([0.6, 0.4]), np.array([[0, 0], [1, 0], [0, 1]], bool))
 
 
 def test_paper_mode_rejects_short_backend_reply():

@@ -165,10 +165,12 @@ def consult(
         asking: list[tuple[_Live, str]] = []
         for d, text in zip(running, replies, strict=True):
             d.messages.append({"role": "assistant", "content": text})
-            turn = protocol.parse_doctor_turn(text, d.case.options, questions_allowed=limit > 0)
+            turn = protocol.parse_doctor_turn(
+                text, d.case.options, questions_allowed=limit > 0, multi_answer=d.case.multi_answer
+            )
             if turn.kind == protocol.ANSWER:
                 d.revealed.append(())
-                d.finish(protocol.END_ANSWER, turn.letters)
+                d.finish(protocol.END_ANSWER if turn.letters else protocol.END_NO_LETTER, turn.letters)
             elif turn.kind == protocol.INVALID:
                 d.revealed.append(())
                 d.finish(turn.reason)
