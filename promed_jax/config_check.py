@@ -61,6 +61,10 @@ def within(low: float, high: float, *, high_open: bool = False) -> Rule:
     return rule
 
 
+def above_at_most(low: float, high: float) -> Rule:
+    return lambda value: None if _number(value) and low < value <= high else f"must be in ({low}, {high}]"
+
+
 def one_of(names: Sequence[str]) -> Rule:
     shown = ", ".join(repr(n) for n in names)
     return lambda value: None if value in names else f"must be one of {shown}"
@@ -187,7 +191,7 @@ RULES: Mapping[str, Rule] = {
     "shapley.seed": SEED,
     "shapley.plot": boolean,
     "sampling.temperature": TEMPERATURE,
-    "sampling.top_p": within(0, 1),
+    "sampling.top_p": above_at_most(0, 1),
     "sampling.top_k": COUNT,
     "sampling.max_new_tokens": POSITIVE_INT,
     "sampling.repetition_penalty": POSITIVE,
@@ -277,6 +281,8 @@ def check_model(model: Mapping[str, Any]) -> None:
         )
     if path and not pathlib.Path(path).expanduser().exists():
         raise ConfigError(f"config model.path {path!r}: no such file or folder")
+    if path and pathlib.Path(path).expanduser().is_file() and not pathlib.Path(path).expanduser().stat().st_size:
+        raise ConfigError(f"config model.path {path!r} is an empty file")
     if model["kind"] == "gguf" and path and pathlib.Path(path).suffix != ".gguf":
         raise _fail("model.path", "must be a .gguf file when model.kind='gguf'", path)
     tiny = model["tiny"]

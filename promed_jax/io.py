@@ -103,23 +103,26 @@ def encode_line(record: dict, path: str | os.PathLike) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        field = _unencodable_field(record) or "?"
         raise DataError(
-            f"{path}: record {record.get('id', '?')!a}: field {field} holds a lone surrogate, which UTF-8 cannot "
-            "store; fix the input it came from"
+            f"{path}: record '{printable(str(record.get('id', '?')))}': field '{unencodable_field(record)}' holds a "
+            "lone surrogate, which UTF-8 cannot store; fix the input it came from"
         ) from None
 
 
-def _unencodable_field(obj: Any, where: str = "") -> str | None:
-    """The dotted path of the first string (key or value) in `obj` that is not encodable as UTF-8."""
+def printable(text: str) -> str:
+    """`text` with lone surrogates written as `\\udxxx` escapes, so that a message about it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unencodable_field(obj: Any, where: str = "") -> str | None:
+    """The path (`turns[0].content`, printable) of the first key or string value in `obj` that UTF-8 cannot
+    encode (it holds a lone surrogate); None when there is none."""
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
     for key, value in items:
         here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
-        if isinstance(key, str) and not _encodable(key):
-            return ascii(here)
-        if isinstance(value, str) and not _encodable(value):
-            return ascii(here)
-        found = _unencodable_field(value, here)
+        if not _encodable(here) or (isinstance(value, str) and not _encodable(value)):
+            return printable(here)
+        found = unencodable_field(value, here)
         if found:
             return found
     return None

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from promed_jax import config_check
 from promed_jax.data.sources import REPO_ROOT
 from promed_jax.errors import ConfigError, PromedError
+from promed_jax.io import printable
 
 # Stage files import `configs.base`; the configs folder sits beside the package in the repository.
 if str(REPO_ROOT) not in sys.path:
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT
     except (PromedError, FileNotFoundError) as e:  # a user error: the message names the file, record, field or key
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

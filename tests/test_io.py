@@ -124,9 +124,9 @@ def test_writer_creates_its_file_with_the_first_record(tmp_path):
 @pytest.mark.parametrize(
     ("record", "field"),
     [
-        ({"id": "medqa:\ud800"}, "'id'"),
-        ({"id": "medqa:1", "turns": [{"role": "user", "content": "x\udfff"}]}, "'turns[0].content'"),
-        ({"id": "medqa:1", "facts": {"\ud83d": 1}}, "'facts.\\ud83d'"),
+        ({"id": "medqa:\ud800"}, "id"),
+        ({"id": "medqa:1", "turns": [{"role": "user", "content": "x\udfff"}]}, "turns[0].content"),
+        ({"id": "medqa:1", "facts": {"\ud83d": 1}}, "facts.\\ud83d"),
     ],
     ids=["id", "nested-value", "key"],
 )
@@ -137,7 +137,7 @@ def test_a_lone_surrogate_is_refused_naming_record_and_field_before_a_byte_is_wr
         with pytest.raises(DataError) as info:
             w.write(record)
     message = str(info.value)
-    assert message.startswith(f"{path}: record {record['id']!a}: field {field} holds a lone surrogate")
+    assert message.startswith(f"{path}: record {record['id']!a}: field '{field}' holds a lone surrogate")
     assert "\n" not in message
     assert path.read_bytes() == b'{"id": "ok"}\n'
 
