@@ -234,10 +234,17 @@ def assert_nothing_half_written(before: dict[str, bytes], after: dict[str, bytes
             assert data.endswith(b"\n") and all(json.loads(line) for line in data.splitlines()), name
 
 
+def _stage_must_not_start(*args, **kwargs):
+    raise AssertionError("a config or workdir error must be refused before the stage reads data or loads a model")
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
-def test_malformed_input_is_one_error_line(row, tmp_path, capsys):
+def test_malformed_input_is_one_error_line(row, tmp_path, capsys, monkeypatch):
     if row.files:
         row.files(tmp_path)
+    if row in CONFIG_ROWS + WORKDIR_ROWS:
+        monkeypatch.setattr(main, "run_stage", _stage_must_not_start)
+        monkeypatch.setattr(main, "run_pipeline", _stage_must_not_start)
     argv = _argv(row, tmp_path)
     workdir = _workdir(argv)
     before = _snapshot(workdir)
