@@ -11,6 +11,7 @@ is written: writing it escaped would keep the file valid but carry the broken te
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, Self
 
-from promed_jax.errors import CacheError, DataError
+from promed_jax.errors import CacheError, DataError, WorkdirError
 
 
 @contextlib.contextmanager
@@ -62,6 +63,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on `<output>.lock` for the block, so two runs never write one output.
+
+    A second run fails at once with a WorkdirError naming the holder's pid (written into the lock file). The
+    lock goes with the holder's file descriptor, so a killed run leaves no stale lock; the file itself stays,
+    since deleting it would let a run that opened it just before lock a file no one else sees. Under a
+    multi-process JAX run only process 0 takes it."""
+    import jax
+
+    if jax.process_index() != 0:
+        yield
+        return
+    lock = pathlib.Path(f"{output}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise WorkdirError(
+                f"{output} is in use by another run (pid {holder}, lock {lock}); wait for it or use another workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class JsonlWriter:

@@ -13,6 +13,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -323,3 +324,47 @@ def test_the_shipped_configs_pass_the_field_rules(stage, preset):
     config_check.check_fields(config)
     config_check.check_shapley(config.shapley)
     config_check.check_mesh(config.mesh)
+
+
+# A run of the entry point that stops after taking its lock, until the file named first exists: the second run
+# then meets a lock that is certainly held, without any timing.
+_GATED_RUN = """
+import pathlib, sys, time
+from promed_jax import main
+from promed_jax.data import synthetic
+
+make_cases = synthetic.make_cases
+
+
+def gated(*args, **kwargs):
+    go, deadline = pathlib.Path(sys.argv[1]), time.monotonic() + 300
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return make_cases(*args, **kwargs)
+
+
+synthetic.make_cases = gated
+sys.exit(main.main(["promed_jax.main", *sys.argv[2:]]))
+"""
+
+
+def test_two_runs_on_one_workdir_the_second_fails_at_once_naming_the_first(tmp_path, capsys):
+    argv = [f"--config={REPO}/configs/shapley.py:tiny", "--config.data.synthetic_n=2", f"--workdir={tmp_path}/wd"]
+    go, lock = tmp_path / "go", tmp_path / "wd" / "shapley.lock"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-c", _GATED_RUN, str(go), *argv], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (lock.exists() and lock.read_text() == f"{first.pid}\n"):
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        row = Row("second-run", "shapley", (), (f"shapley is in use by another run (pid {first.pid}",))
+        assert_one_error_line(main.main(["promed_jax.main", *argv]), capsys.readouterr().err, row)
+        go.touch()
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+    lines = (tmp_path / "wd" / "shapley" / "synthetic.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines) == ["synthetic:0", "synthetic:1"]
+    assert main.main(["promed_jax.main", *argv]) == 0  # the lock went with the first run

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from promed_jax import io
-from promed_jax.errors import CacheError, DataError
+from promed_jax.errors import CacheError, DataError, WorkdirError
 
 
 def _files(folder):
@@ -145,4 +145,25 @@ def test_a_lone_surrogate_is_refused_naming_record_and_field_before_a_byte_is_wr
 def test_atomic_write_of_a_lone_surrogate_is_a_data_error_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match="lone surrogate at offset 2"):
         io.atomic_write_text(tmp_path / "t.md", "ab\ud800")
+    assert _files(tmp_path) == []
+
+
+def test_output_lock_refuses_a_second_holder_naming_the_first_pid_and_is_released(tmp_path):
+    out = tmp_path / "shapley"
+    with io.output_lock(out):
+        assert (tmp_path / "shapley.lock").read_text() == f"{os.getpid()}\n"
+        # flock belongs to an open file description: a second open in this process is a second holder
+        in_use = rf"shapley is in use by another run \(pid {os.getpid()}, lock "
+        with pytest.raises(WorkdirError, match=in_use), io.output_lock(out):
+            pass
+    with io.output_lock(out):
+        pass
+
+
+def test_only_process_0_takes_the_output_lock(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with io.output_lock(tmp_path / "out"), io.output_lock(tmp_path / "out"):
+        pass
     assert _files(tmp_path) == []

@@ -128,7 +128,14 @@ def model_name(model_cfg) -> str:
 
 
 def run(config, workdir: str) -> list[report.Summary]:
-    """Evaluates the configured doctor model in `config.eval.modes`; writes lines, a table and a plot."""
+    """Evaluates the configured doctor model in `config.eval.modes`; writes lines, a table and a plot.
+
+    The run holds `{workdir}/eval/<run>.lock` throughout: a second run of the same eval.run fails at once."""
+    with io.output_lock(pathlib.Path(workdir) / "eval" / config.eval.run):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> list[report.Summary]:
     from promed_jax.data import cases_from_config
     from promed_jax.models.loader import load_model
 
