@@ -164,6 +164,9 @@ DATA_ROWS = [
         _write("cases.jsonl", _line(CASE) + _line({**CASE, "id": "x\ud800"}))),
     Row("data-surrogate-fact", "eval", (*DATA, FILE), ("line 1 (id 7)", "field 'atomic_facts[1]'", "lone surrogate"),
         _write("cases.jsonl", _line({**CASE, "atomic_facts": ["a", "b\udc00"]}))),
+    Row("data-no-valid-case", "eval", (DATA[1], "--config.data.on_error=skip", FILE),
+        ("eval: the configured data has no valid cases",),
+        _write("cases.jsonl", _line({k: v for k, v in CASE.items() if k != "question"}))),
     Row("data-number", "eval", (*DATA, FILE), ("cases.jsonl", "neither a JSON array nor JSON lines"),
         _write("cases.jsonl", "3\n")),
 ]

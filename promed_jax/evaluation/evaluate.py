@@ -21,6 +21,7 @@ from promed_jax.consult import protocol
 from promed_jax.consult.patients import Patient, make_patient
 from promed_jax.consult.rollout import Dialogue, consult
 from promed_jax.data.cases import Case
+from promed_jax.errors import DataError
 from promed_jax.evaluation import report
 from promed_jax.text import prompts
 
@@ -142,7 +143,7 @@ def _run(config, workdir: str) -> list[report.Summary]:
     ev = config.eval
     cases = cases_from_config(config.data)
     if not cases:
-        raise ValueError("eval: the configured data has no cases")
+        raise DataError("eval: the configured data has no valid cases (see data.paths, data.on_error, data.limit)")
     model, tokenizer = load_model(config.model)
     # The doctor samples per the eval section (greedy, no penalties by default: a no-repeat n-gram ban over
     # the prompt would forbid the very `【answer: X】` format the instruction shows).
