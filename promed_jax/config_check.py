@@ -93,6 +93,10 @@ def names_among(names: Sequence[str], *, allow_empty: bool = False) -> Rule:
     return rule
 
 
+def non_empty_tuple(value: Any) -> str | None:
+    return None if isinstance(value, tuple | list) and value else "must be a non-empty tuple"
+
+
 def text(value: Any) -> str | None:
     return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
 
@@ -232,8 +236,8 @@ RULES: Mapping[str, Rule] = {
     "grpo.trajectory_sig_scale": finite,
     "grpo.loss_aggregation": one_of(LOSS_AGGREGATIONS),
     "grpo.seed": SEED,
-    "mesh.shape": lambda v: None if isinstance(v, tuple | list) and v else "must be a non-empty tuple",
-    "mesh.axis_names": lambda v: None if isinstance(v, tuple | list) and v else "must be a non-empty tuple",
+    "mesh.shape": non_empty_tuple,
+    "mesh.axis_names": non_empty_tuple,
     "ckpt.every_steps": POSITIVE_INT,
     "ckpt.max_to_keep": POSITIVE_INT,
     "ckpt.resume": boolean,
@@ -315,7 +319,7 @@ def check_mesh(mesh: Mapping[str, Any]) -> None:
         raise _fail("mesh.axis_names", f"must be distinct names among {', '.join(map(repr, axes))}", names)
     fixed = math.prod(s for s in shape if s != -1)
     devices = jax.device_count()
-    if fixed > devices or (-1 in shape and devices // fixed < 1):
+    if fixed > devices:
         raise _fail("mesh.shape", f"needs {fixed} devices; {devices} available", shape)
 
 
