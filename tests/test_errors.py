@@ -184,6 +184,14 @@ CACHE_ROWS = [
         ("reactive.jsonl: line 1 is a JSON int, not an object",), _write("wd/eval/default/reactive.jsonl", "3\n")),
 ]
 
+def _tiny_hf_folder_without_tokenizer(tmp: pathlib.Path) -> None:
+    from promed_jax.models.checkpoints import save_hf
+    from promed_jax.models.loader import load_model
+
+    model, _ = load_model(base.get_config().model)
+    save_hf(model, tmp / "ckpt")
+
+
 CHECKPOINT_ROWS = [
     Row("pickle-file", "eval", ("--config.model.kind=hf", "--config.model.path={tmp}/pytorch_model.bin"),
         ("pytorch_model.bin", "pickle checkpoints are refused"), _write("pytorch_model.bin", b"\x80\x04K\x01.")),
@@ -192,6 +200,8 @@ CHECKPOINT_ROWS = [
     Row("no-config-json", "eval", HF, ("ckpt: no config.json",), _write("ckpt/model.safetensors", b"")),
     Row("unsupported-architecture", "eval", HF, ("ckpt/config.json", "gpt2"),
         _write("ckpt/config.json", json.dumps({**TINY_HF_CONFIG, "model_type": "gpt2"}))),
+    Row("no-tokenizer", "eval", HF, ("ckpt: no tokenizer could be loaded from the folder",),
+        _tiny_hf_folder_without_tokenizer),
     Row("broken-safetensors", "eval", HF, ("model.safetensors: not a safetensors file",),
         _all(_write("ckpt/config.json", json.dumps(TINY_HF_CONFIG)),
              _write("ckpt/model.safetensors", _safetensors(b"notjs")))),
