@@ -99,7 +99,6 @@ def run_pipeline(config, workdir: str) -> list[str]:
     return missing
 
 
-
 def one_line(error: BaseException, argv: list[str]) -> str:
     """A flag or config error as one line: unknown fields name the override, tracebacks shrink to their end."""
     if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
@@ -150,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if config.mode != "pipeline":
         resolve_stage(config.mode)
     config_check.check_run(config, workdir)
-    import jax  # after the checks, so that a bad flag is refused at once
+    import jax  # here, not at the top: --help and flag errors stay fast
 
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     logging.info("config:\n%s", config)
