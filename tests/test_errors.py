@@ -92,7 +92,17 @@ CONFIG_ROWS = [
     Row("estimator", "shapley", ("--config.shapley.estimator=bogus",), ("config shapley.estimator", "'kernel_shap'")),
     Row("patient-kind", "eval", ("--config.patient.kind=bogus",), ("config patient.kind", "'fact_select'", "'bogus'")),
     Row("model-kind", "eval", ("--config.model.kind=bogus",), ("config model.kind must be one of 'tiny', 'hf'",)),
-    Row("qwen7b-no-path", "eval", (), ("model.kind='hf' needs model.path", "--config.model.path="), None),
+    Row("qwen7b-no-path", "eval", (), ("model.kind='hf' needs model.path", "--config.model.path=")),
+    Row("llama8b-no-path", "eval", (), ("model.kind='hf' needs model.path", "--config.model.path=")),
+    Row("exact-max-n", "shapley", ("--config.shapley.exact_max_n=-1",), ("config shapley.exact_max_n", "got -1")),
+    Row("max-new-tokens", "eval", ("--config.eval.max_new_tokens=0",), ("config eval.max_new_tokens", "got 0")),
+    Row("repetition-penalty", "rl", ("--config.sampling.repetition_penalty=0.0",),
+        ("config sampling.repetition_penalty must be > 0",)),
+    Row("optimizer", "rl", ("--config.grpo.optimizer=sgd",), ("config grpo.optimizer", "'adam'", "'sgd'")),
+    Row("timeout", "eval", ("--config.backend.timeout_s=0.0",), ("config backend.timeout_s must be > 0",)),
+    Row("decay", "rl", ("--config.mcts.decay=1.5",), ("config mcts.decay must be in [0, 1], got 1.5",)),
+    Row("max-to-keep", "rl", ("--config.ckpt.max_to_keep=0",), ("config ckpt.max_to_keep", "got 0")),
+    Row("dtype", "eval", ("--config.model.dtype=float64",), ("config model.dtype", "'bfloat16'", "'float64'")),
     Row("budget-minus-5", "shapley", ("--config.shapley.budget=-5",), ("config shapley.budget must be", "got -5")),
     Row("per-fact-budget-0", "shapley", ("--config.shapley.budget_per_fact=0",),
         ("config shapley.budget_per_fact must be an integer >= 1, got 0",)),
@@ -138,7 +148,7 @@ CONFIG_ROWS = [
         ("config model.path", "m.gguf", "is an empty file"), _write("m.gguf", b"")),
 ]
 # Rows whose config file is a preset: (name, config file with preset).
-PRESET_CONFIGS = {"qwen7b-no-path": "eval.py:qwen7b"}
+PRESET_CONFIGS = {"qwen7b-no-path": "eval.py:qwen7b", "llama8b-no-path": "shapley.py:llama8b"}
 
 WORKDIR_ROWS = [
     Row("workdir-is-a-file", "eval", ("--workdir={tmp}/wd",), ("workdir", "wd is a file, not a folder"),
