@@ -1,7 +1,11 @@
 """The entry point: `python -m promed_jax.main --config=configs/<stage>.py[:preset] [--config.x.y=...]`.
 
-It only parses the config, logs the process and devices, and dispatches on `config.mode` to a stage's
-`run(config, workdir)`; stages are imported lazily so that a missing one is one clear line.
+It parses the config, checks every field and the workdir (`config_check`) before any data or model loads,
+logs the process and devices, and dispatches on `config.mode` to a stage's `run(config, workdir)`; stages are
+imported lazily so that a missing one is one clear line. Any user error (`PromedError`, a flag or config file
+that does not parse, a missing input file) ends as one `error: ...` line and exit code 1; any other exception
+is a bug and keeps its traceback. `main(argv)` is the whole command line and returns the exit code, so tests
+run it in-process.
 """
 
 from __future__ import annotations
@@ -9,19 +13,18 @@ from __future__ import annotations
 import importlib
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from promed_jax import config_check
 from promed_jax.data.sources import REPO_ROOT
-from promed_jax.errors import PromedError
+from promed_jax.errors import ConfigError, PromedError
+from promed_jax.io import printable
 
 # Stage files import `configs.base`; the configs folder sits beside the package in the repository.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/rl.py:tiny", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "./workdir", "where outputs (caches, checkpoints, results) go")
-flags.mark_flag_as_required("config")
 
 STAGES: dict[str, str] = {
     "data": "promed_jax.data.stats:run",
@@ -38,7 +41,7 @@ class StageMissing(Exception):
     """A stage whose module is not written yet."""
 
 
-class UnknownMode(ValueError):
+class UnknownMode(ConfigError):
     """config.mode names no stage."""
 
 
@@ -96,28 +99,6 @@ def run_pipeline(config, workdir: str) -> list[str]:
     return missing
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import jax  # after flag parsing, so that --help stays fast
-
-    config = _CONFIG.value
-    logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-    logging.info("config:\n%s", config)
-    try:
-        if config.mode == "pipeline":
-            run_pipeline(config, _WORKDIR.value)
-        else:
-            run_stage(config.mode, config, _WORKDIR.value)
-    except (StageMissing, UnknownMode) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NOT_BUILT
-    except (PromedError, FileNotFoundError) as e:  # a user error: the message names the file, record, field or key
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
-
-
 def one_line(error: BaseException, argv: list[str]) -> str:
     """A flag or config error as one line: unknown fields name the override, tracebacks shrink to their end."""
     if isinstance(error, AttributeError) and error.args and isinstance(error.args[0], KeyError):
@@ -134,17 +115,72 @@ def one_line(error: BaseException, argv: list[str]) -> str:
     return " ".join(" ".join(lines).split())
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags; a typo in an override, a wrong type or a bad config file is one line and exit code 1."""
+def _define_flags(flag_values: flags.FlagValues, argv: list[str]):
+    config = config_flags.DEFINE_config_file(
+        "config", None, "a config file, e.g. configs/rl.py:tiny", flag_values=flag_values, lock_config=True,
+        sys_argv=argv,
+    )
+    workdir = flags.DEFINE_string(
+        "workdir", "./workdir", "where outputs (caches, checkpoints, results) go", flag_values=flag_values
+    )
+    return config, workdir
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """(config, workdir) from argv (program name first); a typo in an override, a wrong type or a bad config
+    file is a ConfigError of one line. Flags are parsed into a fresh FlagValues, so calls do not interact."""
+    flag_values = flags.FlagValues()
+    config, workdir = _define_flags(flag_values, argv)
     try:
-        rest = flags.FLAGS(argv)
+        rest = flag_values(argv)
         # A config file that fails to load only raises when first read.
-        _ = _CONFIG.value.mode
+        mode = config.value.mode if config.value is not None else None
     except (flags.Error, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        print(f"error: {one_line(e, argv)}", file=sys.stderr)
-        sys.exit(1)
-    return rest
+        raise ConfigError(one_line(e, argv)) from None
+    if mode is None:
+        raise ConfigError("flag --config is required, e.g. --config=configs/eval.py:tiny")
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return config.value, workdir.value
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Checks the config and the workdir, then runs `config.mode` (a stage or the pipeline)."""
+    if config.mode != "pipeline":
+        resolve_stage(config.mode)
+    config_check.check_run(config, workdir)
+    import jax  # here, not at the top: --help and flag errors stay fast
+
+    logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+    logging.info("config:\n%s", config)
+    if config.mode == "pipeline":
+        run_pipeline(config, workdir)
+    else:
+        run_stage(config.mode, config, workdir)
+
+
+def main(argv: list[str]) -> int:
+    """The command line, program name first; returns the exit code (0, EXIT_BAD_INPUT or EXIT_NOT_BUILT)."""
+    try:
+        run(*parse_args(argv))
+    except StageMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except (PromedError, FileNotFoundError) as e:  # a user error: the message names the file, record, field or key
+        print(f"error: {printable(' '.join(str(e).split()))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _absl_flags(argv: list[str]) -> list[str]:
+    """absl's own flags (logging verbosity, ...) for app.run; ours are left to `parse_args`."""
+    if any(arg in ("-h", "--help", "-help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        flag_values = flags.FlagValues()
+        _define_flags(flag_values, [argv[0]])
+        print(f"{__doc__}\n{flag_values}")
+        sys.exit(0)
+    return flags.FLAGS(argv, known_only=True)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=_absl_flags)

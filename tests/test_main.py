@@ -241,3 +241,26 @@ def test_sweep_rejects_a_typo(tmp_path):
     path.write_text(path.read_text().replace("nmu_generations': 8", "num_generations': 'eight'"))
     with pytest.raises(TypeError, match="grpo.num_generations expects int"):
         sweep.command_lines(str(path), "runs")
+
+
+# --- in-process: main(argv) returns the exit code --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "error: flag --config is required, e.g. --config=configs/eval.py:tiny"),
+        ([f"--config={REPO}/configs/eval.py", "extra"], "error: unexpected arguments: extra"),
+    ],
+    ids=["no-config", "positional"],
+)
+def test_command_line_mistakes_in_process(args, expected, capsys):
+    assert main.main(["promed_jax.main", *args]) == main.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines() == [expected]
+
+
+def test_in_process_runs_do_not_share_flags(tmp_path, capsys):
+    argv = ["promed_jax.main", f"--config={REPO}/configs/eval.py:tiny", "--config.mode=data", f"--workdir={tmp_path}"]
+    assert main.main([*argv, "--config.data.synthetic_n=3"]) == 0
+    assert main.main(argv) == 0  # the override of the first call does not leak into the second
+    assert "| synthetic | en | 64 |" in capsys.readouterr().out

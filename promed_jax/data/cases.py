@@ -15,6 +15,7 @@ from absl import logging
 
 from promed_jax.errors import DataError
 from promed_jax.fields import FieldError, require, string_list, text
+from promed_jax.io import unencodable_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +226,9 @@ def _record_id(record: Any) -> str:
 
 def _parse_record(record: dict, fmt: str, policy: str, source: str) -> tuple[Case, int, int]:
     """One validated Case and the numbers of empty padding options and facts dropped; raises FieldError."""
+    bad_text = unencodable_field(record)
+    if bad_text:  # a JSON escape such as "\\ud800" decodes to a lone surrogate, which no output file can store
+        raise FieldError(bad_text, "holds a lone surrogate (a broken \\u escape); UTF-8 cannot store it")
     original_id = _record_id(record)
     language = LANGUAGE[fmt]
     options_field, answer_field = ("option", "answer") if fmt == "cmb" else ("options", "answer_idx")
@@ -289,6 +293,8 @@ def _read_records(path: pathlib.Path) -> list[_Record]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise CaseError(f"{name}: broken JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise CaseError(f"{name}: JSON nested too deep to read") from None
         return [_Record(item, f"record #{i + 1}") for i, item in enumerate(items)]
     if head not in (b"{", b""):
         raise CaseError(f"{name}: neither a JSON array nor JSON lines (starts with {head!r})")
@@ -308,6 +314,8 @@ def _read_records(path: pathlib.Path) -> list[_Record]:
         except json.JSONDecodeError as e:
             torn = " (torn last line)" if lineno == len(lines) else ""
             records.append(_Record(None, f"line {lineno}", f"{where}: broken JSON{torn}: {e.msg} at column {e.colno}"))
+        except RecursionError:
+            records.append(_Record(None, f"line {lineno}", f"{where}: JSON nested too deep to read"))
     return records
 
 

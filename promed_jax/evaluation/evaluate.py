@@ -25,7 +25,7 @@ from promed_jax.consult import protocol
 from promed_jax.consult.patients import Patient, make_patient
 from promed_jax.consult.rollout import Dialogue, consult
 from promed_jax.data.cases import Case
-from promed_jax.errors import CacheError
+from promed_jax.errors import CacheError, DataError
 from promed_jax.evaluation import report
 from promed_jax.text import prompts
 
@@ -201,12 +201,21 @@ def _prompt_version() -> str:
 
 
 def run(config, workdir: str) -> list[report.Summary]:
-    """Evaluates the configured doctor model in `config.eval.modes`; writes lines, a table and a plot."""
+    """Evaluates the configured doctor model in `config.eval.modes`; writes lines, a table and a plot.
+
+    The run holds `{workdir}/eval/<run>.lock` throughout: a second run of the same eval.run fails at once."""
+    with io.output_lock(pathlib.Path(workdir) / "eval" / config.eval.run):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> list[report.Summary]:
     from promed_jax.data import cases_from_config
     from promed_jax.models.loader import load_model
 
     ev = config.eval
     cases = cases_from_config(config.data, stage="eval")
+    if not cases:
+        raise DataError("eval: the configured data has no valid cases (see data.paths, data.on_error, data.limit)")
     model, tokenizer = load_model(config.model)
     weights = provenance.weights_hash(model)
     model_name = provenance.model_label(config.model, weights)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from promed_jax import provenance
 from promed_jax.data.cases import Case
 from promed_jax.data.sources import cases_from_config
-from promed_jax.io import JsonlWriter, atomic_write_bytes
+from promed_jax.io import JsonlWriter, atomic_write_bytes, output_lock
 from promed_jax.models.loader import load_model
 from promed_jax.shapley import cache as cache_lib
 from promed_jax.shapley.estimators import MemoValue, choose_estimator
@@ -100,7 +100,14 @@ def _make_game(config) -> CoalitionGame:
 
 
 def run(config, workdir: str) -> dict[str, pathlib.Path]:
-    """Computes and caches φ and w for every configured case not cached yet; returns the cache files."""
+    """Computes and caches φ and w for every configured case not cached yet; returns the cache files.
+
+    The stage holds `{workdir}/shapley.lock` throughout: a second run on the workdir fails at once."""
+    with output_lock(pathlib.Path(workdir) / "shapley"):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> dict[str, pathlib.Path]:
     shapley = config.shapley
     cases = cases_from_config(config.data, stage="shapley")
     by_source: dict[str, list[Case]] = {}

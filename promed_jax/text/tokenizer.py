@@ -15,6 +15,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from promed_jax.errors import CheckpointError
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -56,7 +58,8 @@ user assistant system question answer information fact facts known unknown which
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """A model's tokenizer and chat template: a Hugging Face folder, or a `.gguf` file (metadata).
 
-    Raises ValueError (naming the path) when the tokenizer has no chat template or no end-of-turn token.
+    Raises CheckpointError (naming the path) when the folder holds no tokenizer, or it has no chat template or
+    no end-of-turn token.
     """
     path = pathlib.Path(path)
     if path.suffix == ".gguf":
@@ -65,13 +68,17 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         # A copy: callers may change the tokenizer (padding side, template) without touching the cache.
         tokenizer = copy.deepcopy(_load_gguf_tokenizer(str(path.resolve())))
     elif path.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise CheckpointError(f"{path}: no tokenizer could be loaded from the folder ({first})") from None
     else:
         raise FileNotFoundError(f"tokenizer path is neither a folder nor a .gguf file: {path}")
     if not tokenizer.chat_template:
-        raise ValueError(f"tokenizer at {path} has no chat template")
+        raise CheckpointError(f"tokenizer at {path} has no chat template")
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer at {path} has no eos_token (the end-of-turn token)")
+        raise CheckpointError(f"tokenizer at {path} has no eos_token (the end-of-turn token)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
