@@ -119,7 +119,7 @@ def test_selection_by_ids_fact_range_and_limit(tmp_path):
     chosen = cases_from_config(files_config(path, ids=("f:6", "f:2")), stage="data")
     assert [c.id for c in chosen] == ["f:2", "f:6"]  # file order
     assert len(cases_from_config(files_config(path, min_facts=2, limit=3), stage="data")) == 3
-    with pytest.raises(DataConfigError, match=r"^config data: no case selected \(split all, ids \(\), facts 9\.\.any"):
+    with pytest.raises(DataConfigError, match=r"^config data: no case selected from f\.jsonl \(split all, ids \(\), facts 9\.\.any"):
         cases_from_config(files_config(path, min_facts=9), stage="data")
 
 

@@ -175,7 +175,7 @@ DATA_ROWS = [
     Row("data-surrogate-fact", "eval", (*DATA, FILE), ("line 1 (id 7)", "field 'atomic_facts[1]'", "lone surrogate"),
         _write("cases.jsonl", _line({**CASE, "atomic_facts": ["a", "b\udc00"]}))),
     Row("data-no-valid-case", "eval", (DATA[1], "--config.data.on_error=skip", FILE),
-        ("eval: the configured data has no valid cases",),
+        ("config data: no case selected from cases.jsonl",),
         _write("cases.jsonl", _line({k: v for k, v in CASE.items() if k != "question"}))),
     Row("data-number", "eval", (*DATA, FILE), ("cases.jsonl", "neither a JSON array nor JSON lines"),
         _write("cases.jsonl", "3\n")),
@@ -190,8 +190,8 @@ CACHE_ROWS = [
         _write(SHAPLEY_CACHE, "{garbage\n")),
     Row("cache-nested", "shapley", ONE_CASE, ("synthetic.jsonl: line 1 is JSON nested too deep",),
         _write(SHAPLEY_CACHE, DEEP + "\n")),
-    Row("eval-results-number", "eval", (*ONE_CASE, "--config.eval.modes=('reactive',)"),
-        ("reactive.jsonl: line 1 is a JSON int, not an object",), _write("wd/eval/default/reactive.jsonl", "3\n")),
+    Row("eval-results-without-provenance", "eval", (*ONE_CASE, "--config.eval.modes=('reactive',)"),
+        ("eval/default holds results but no run.json",), _write("wd/eval/default/reactive.jsonl", "3\n")),
 ]
 
 def _tiny_hf_folder_without_tokenizer(tmp: pathlib.Path) -> None:
@@ -212,7 +212,7 @@ CHECKPOINT_ROWS = [
         _write("ckpt/config.json", json.dumps({**TINY_HF_CONFIG, "model_type": "gpt2"}))),
     Row("no-tokenizer", "eval", HF, ("ckpt: no tokenizer could be loaded from the folder",),
         _tiny_hf_folder_without_tokenizer),
-    Row("broken-safetensors", "eval", HF, ("model.safetensors: not a safetensors file",),
+    Row("broken-safetensors", "eval", HF, ("model.safetensors: not a valid safetensors file",),
         _all(_write("ckpt/config.json", json.dumps(TINY_HF_CONFIG)),
              _write("ckpt/model.safetensors", _safetensors(b"notjs")))),
 ]
@@ -293,7 +293,8 @@ def test_a_lone_surrogate_in_a_record_written_by_a_stage_is_one_line_and_leaves_
               ("reactive.jsonl: record 'synthetic:0'", "field 'end' holds a lone surrogate"))
     rc = main.main(["promed_jax.main", *_argv(row, tmp_path)])
     assert_one_error_line(rc, capsys.readouterr().err, row)
-    assert list(_snapshot(tmp_path / "wd")) == ["eval/default.lock"]  # no results file: nothing was written
+    # the run's provenance and its lock, but no results file: no record was written
+    assert sorted(_snapshot(tmp_path / "wd")) == ["eval/default.lock", "eval/default/run.json"]
 
 
 SUBPROCESS_ROWS = ("tau-0", "workdir-is-a-file", "cache-list")

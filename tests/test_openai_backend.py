@@ -271,7 +271,7 @@ def test_http_client_is_imported_lazily():
 # The eval entry point with a scripted doctor (a random tiny model never asks, so the patient would never be
 # called): it asks one question per case, then answers A.
 _EVAL_WITH_SCRIPTED_DOCTOR = """
-from absl import app
+import sys
 import promed_jax.evaluation.evaluate as evaluate
 from promed_jax import main
 
@@ -281,7 +281,7 @@ class Doctor:
 
 real = evaluate.make_backend
 evaluate.make_backend = lambda name, cfg, **kw: Doctor() if name == "local" else real(name, cfg, **kw)
-app.run(main.main, flags_parser=main.parse_flags)
+sys.exit(main.main(sys.argv))
 """
 
 

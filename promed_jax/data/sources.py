@@ -198,10 +198,12 @@ def load_from_config(data: Mapping[str, Any], *, stage: str) -> list[LoadResult]
 
 def cases_from_config(data: Mapping[str, Any], *, stage: str) -> list[Case]:
     """The cases `stage` reads, in file order; ids are unique across files. Selecting none is a ConfigError."""
-    cases = [case for result in load_from_config(data, stage=stage) for case in result.cases]
+    results = load_from_config(data, stage=stage)
+    cases = [case for result in results for case in result.cases]
     if not cases:
+        files = ", ".join(result.path.name for result in results)
         raise DataConfigError(
-            f"config data: no case selected (split {resolve_split(data, stage)}, ids {tuple(data['ids'])}, "
-            f"facts {data['min_facts']}..{data['max_facts'] or 'any'})"
+            f"config data: no case selected from {files} (split {resolve_split(data, stage)}, "
+            f"ids {tuple(data['ids'])}, facts {data['min_facts']}..{data['max_facts'] or 'any'})"
         )
     return cases

@@ -25,7 +25,7 @@ from promed_jax.consult import protocol
 from promed_jax.consult.patients import Patient, make_patient
 from promed_jax.consult.rollout import Dialogue, consult
 from promed_jax.data.cases import Case
-from promed_jax.errors import CacheError, DataError
+from promed_jax.errors import CacheError
 from promed_jax.evaluation import report
 from promed_jax.text import prompts
 
@@ -214,8 +214,6 @@ def _run(config, workdir: str) -> list[report.Summary]:
 
     ev = config.eval
     cases = cases_from_config(config.data, stage="eval")
-    if not cases:
-        raise DataError("eval: the configured data has no valid cases (see data.paths, data.on_error, data.limit)")
     model, tokenizer = load_model(config.model)
     weights = provenance.weights_hash(model)
     model_name = provenance.model_label(config.model, weights)
