@@ -1,18 +1,20 @@
 """Which Shapley estimator, at which budget: every estimator against exact enumeration on MedQA games.
 
-Step 1 (slow, resumable): the value of every coalition of some MedQA cases, by our batched game, saved to an
-.npz table per case id. `--model smollm2` scores with SmolLM2-135M (about 20 min on 2 cores for the default
-36 cases with 5-10 facts; about 0.1 s per coalition, so a case with 12 facts costs about 7 min);
-`--model tiny` with the random-weight tiny model of `configs/base.py` (model.kind='tiny'): a random-weight
-game on a real case's prompt, cheap enough for 2^15 coalitions. `--per-n 11:3,12:1` picks the first cases
-with each number of facts. Each table is built in chunks of `--chunk` coalitions that share their leading
-facts (so the game's prefix tree still shares them) to bound memory.
+Step 1 (slow, resumable case by case): the value of every coalition of some MedQA cases, by our batched game,
+saved to an .npz table per case id. `--model smollm2` scores with SmolLM2-135M: about 0.1 s of CPU per
+coalition (about 20 min on 2 cores for the default 36 cases with 5-10 facts, 17 min for 3 cases with 11 facts
+and one with 12; peak RSS 7.2 GB at the default --chunk 128). `--model tiny` scores with the random-weight
+tiny model of `configs/base.py` (model.kind='tiny') on the same real prompts: a random-weight game, cheap
+enough for 2^15 coalitions (6 min of CPU for 13 cases with 11-15 facts). `--per-n 11:3,12:1` picks the first
+cases with each number of facts. A table is built in chunks of `--chunk` coalitions that share their leading
+facts, so that the game's prefix tree still shares them while memory stays bounded.
 Step 2 (seconds): each estimator run on those tables by lookup, over many seeds, its L1 error against exact
 φ, and its cost: distinct coalitions, and for the paper's truncated Monte-Carlo also the forwards the
 reference code pays (it re-evaluates a coalition each time a permutation reaches it).
 
     python experiments/study_estimators.py --tables /tmp/shapley_tables.npz
-    python experiments/study_estimators.py --model tiny --per-n 11:4,12:4,13:4,14:4,15:4 --tables /tmp/tiny.npz
+    python experiments/study_estimators.py --per-n 11:3,12:1 --tables /tmp/smollm2_11_12.npz
+    python experiments/study_estimators.py --model tiny --per-n 11:3,12:3,13:3,14:2,15:2 --tables /tmp/tiny.npz
 """
 
 from __future__ import annotations

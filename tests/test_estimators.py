@@ -381,3 +381,17 @@ def test_choose_estimator():
     assert name == "kernel_shap" and fn is est.kernel_shap
     with pytest.raises(KeyError, match="known"):
         est.choose_estimator(11, exact_max_n=10, fallback="nope")
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(5, 8), (6, 64), (4, 100), (3, 1)])
+def test_study_table_chunks_cover_every_coalition_once(n, chunk):
+    # study_estimators builds exact tables chunk by chunk: together the chunks are every bitmask once, and
+    # within a chunk the leading facts (low bits) are fixed, so the coalitions share their fact prefixes.
+    from experiments.study_estimators import table_chunks
+
+    chunks = table_chunks(n, chunk)
+    np.testing.assert_array_equal(np.sort(np.concatenate(chunks)), np.arange(2**n))
+    for masks in chunks:
+        assert len(masks) == min(2**n, 2 ** int(np.log2(chunk)))
+        fixed = (1 << (n - int(np.log2(len(masks))))) - 1
+        assert len(set((masks & fixed).tolist())) == 1
