@@ -24,6 +24,7 @@ import math
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -34,7 +35,10 @@ import numpy as np
 from promed_jax.data.cases import load_cases
 from promed_jax.shapley import estimators as est
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "medqa_dev_convo.jsonl"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # configs/ is not an installed package (as in experiments/sweep.py)
+DATA = REPO_ROOT.parent / "shared" / "data" / "medqa_dev_convo.jsonl"
 PER_N = {5: 8, 6: 6, 7: 8, 8: 7, 9: 4, 10: 3}  # cases per number of facts (the default: SmolLM2, n = 5-10)
 
 
