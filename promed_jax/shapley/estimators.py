@@ -2,9 +2,10 @@
 
 Every estimator has the signature `estimator(value_fn, n, *, budget, key, **options) -> (phi [n], n_evals)`,
 where `value_fn(bool[K, n]) -> float[K]` gives the value of K coalitions at once (row k, column i: fact i is
-in coalition k) and `n_evals` is the number of distinct coalitions the estimator asked for. Estimators ask
-for whole batches of coalitions (all prefixes of a permutation batch, one level of a truncated batch, all
-KernelSHAP samples) so that the game can evaluate each batch in one jitted call.
+in coalition k) and `n_evals` is the number of distinct coalitions the estimator added to the value function's
+memo (all it asked for, on a fresh one). Estimators ask for whole batches of coalitions (all prefixes of a
+permutation batch, one level of a truncated batch, all KernelSHAP samples) so that the game can evaluate each
+batch in one jitted call.
 
 Registered under kind "shapley_estimator": `exact`, `permutation`, `tmc` (the paper's truncated
 Monte-Carlo), `antithetic`, `kernel_shap` (paired). `choose_estimator` picks exact enumeration up to
