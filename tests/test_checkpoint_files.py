@@ -2,6 +2,7 @@
 line naming the file (and the tensor at fault), before anything is placed on a device; a valid tiny GGUF
 written here loads to the torch model's logits."""
 
+import importlib.util
 import json
 import re
 import shutil
@@ -15,8 +16,11 @@ from promed_jax.models import causal_mask, positions_from_mask
 from promed_jax.models import checkpoints as ckpt
 from promed_jax.models.checkpoints import CheckpointError, load_gguf, load_hf, read_gguf
 
-torch = pytest.importorskip("torch")
-gguf = pytest.importorskip("gguf")
+from conftest import need, need_torch
+
+torch = need_torch()
+need(importlib.util.find_spec("gguf") is not None, "gguf (requirements.txt)")  # absent on the lent GPU machine
+import gguf  # noqa: E402
 from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits
 
 ROPE_THETA = 800.0

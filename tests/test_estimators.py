@@ -240,6 +240,106 @@ def test_tmc_stopping_rules_and_batch_independence():
     assert capped < 30 + 2 * 7
 
 
+class Asking(est.MemoValue):
+    """A memo that also counts the rows asked for: tmc asks ∅ and F once, then one row per prefix it walks."""
+
+    def __init__(self, fn, n):
+        super().__init__(fn, n)
+        self.asked = 0
+
+    def __call__(self, coalitions):
+        self.asked += len(coalitions)
+        return super().__call__(coalitions)
+
+
+def walked(memo: Asking, n: int) -> int:
+    """Permutations tmc walked to the end (no truncation): ∅ and F, then n prefixes each."""
+    assert (memo.asked - 2) % n == 0, memo.asked
+    return (memo.asked - 2) // n
+
+
+def additive_game(a):
+    a = np.asarray(a, dtype=np.float64)
+    return lambda coalitions: np.asarray(coalitions, dtype=np.float64) @ a
+
+
+# One permutation at a time and no truncation unless a test sets them: each rule alone decides.
+TMC = {"batch_permutations": 1, "truncation_tol": 0.0, "min_permutations": 1, "key": 0}
+
+
+def test_tmc_truncation():
+    # n = 3, symmetric: v(∅) = 0, a single fact 0.75, two facts 3.0, all three 1.0. With tolerance 0.5 every
+    # permutation stops after its first fact (|0.75 − 1| = 0.25 < 0.5): that fact gets 0.75, the other two 0,
+    # so Σφ = 0.75 (not v(F) − v(∅) = 1) and no pair is ever asked. The rule is strict: at tolerance 0.25 the
+    # same prefix does not stop, and every permutation walks to F (Σφ = 1).
+    table = np.array([0.0, 0.75, 0.75, 3.0, 0.75, 3.0, 3.0, 1.0])
+    options = {**TMC, "min_permutations": 6, "max_permutations": 6, "convergence_tol": 0.0}
+    memo = Asking(table_game(table), 3)
+    phi, n_evals = est.tmc(memo, 3, **{**options, "truncation_tol": 0.5})
+    assert phi.sum() == pytest.approx(0.75, abs=1e-12)
+    np.testing.assert_allclose(phi * 6 / 0.75, np.round(phi * 6 / 0.75), atol=1e-9)  # whole first places
+    assert memo.asked == 2 + 6 and n_evals <= 2 + 3
+    memo = Asking(table_game(table), 3)
+    phi, n_evals = est.tmc(memo, 3, **{**options, "truncation_tol": 0.25})
+    assert phi.sum() == pytest.approx(1.0, abs=1e-12)
+    assert walked(memo, 3) == 6 and n_evals > 2 + 3
+
+
+def test_tmc_convergence_stop():
+    # An additive game gives every permutation the same marginals a, so φ = a after one permutation: the
+    # mean |Δφ| is mean |a| = 0.375 at the first permutation and 0 after. A tolerance above 0.375 stops after
+    # one permutation, 0.375 itself (strict) after two, and 0 never (all max_permutations). It is the mean
+    # over facts, not the largest or the total change: 0.4 is below max |a| = 0.5 and Σ|a| = 0.75.
+    a = [0.5, 0.25]
+    for tol, expected in [(0.4, 1), (0.375, 2), (0.0, 50)]:
+        memo = Asking(additive_game(a), 2)
+        phi, _ = est.tmc(memo, 2, **TMC, max_permutations=50, convergence_tol=tol)
+        assert walked(memo, 2) == expected, tol
+        np.testing.assert_allclose(phi, a, atol=1e-12)
+
+
+def test_tmc_min_permutations():
+    # With a tolerance every change is below, sampling stops at the first permutation it may: min_permutations.
+    for minimum in (1, 5):
+        memo = Asking(additive_game([0.5, 0.25, 1.0]), 3)
+        est.tmc(memo, 3, **{**TMC, "min_permutations": minimum}, max_permutations=50, convergence_tol=10.0)
+        assert walked(memo, 3) == minimum
+
+
+def test_tmc_max_permutations():
+    # Never converged (tolerance 0): exactly max_permutations, also when min_permutations asks for more.
+    table = random_table(4, 12)
+    for minimum, maximum in [(1, 7), (10, 4)]:
+        memo = Asking(table_game(table), 4)
+        est.tmc(memo, 4, **{**TMC, "min_permutations": minimum}, max_permutations=maximum, convergence_tol=0.0)
+        assert walked(memo, 4) == maximum
+
+
+def test_tmc_budget():
+    # n = 2, one permutation at a time: the first permutation asks ∅, F and one single fact, 3 distinct
+    # coalitions, so a budget of 3 (or 2) stops after it, checked at the end of the batch.
+    for budget in (2, 3):
+        memo = Asking(additive_game([0.5, 0.25]), 2)
+        _, n_evals = est.tmc(memo, 2, **TMC, max_permutations=50, convergence_tol=0.0, budget=budget)
+        assert walked(memo, 2) == 1 and n_evals == 3
+
+
+def test_tmc_budget_counts_this_runs_coalitions():
+    # A memo that exact enumeration already filled holds all 2^3 coalitions: the budget counts the coalitions
+    # this run asks for, not the memo's, so tmc walks as far as on a fresh memo and gives the same φ.
+    table = random_table(3, 13)
+    options = {**TMC, "max_permutations": 30, "convergence_tol": 0.0, "budget": 8}
+    fresh = Asking(table_game(table), 3)
+    phi, n_evals = est.tmc(fresh, 3, **options)
+    assert n_evals == 8 and 1 < walked(fresh, 3) < 30  # one permutation reaches 4 coalitions
+    shared = Asking(table_game(table), 3)
+    est.exact(shared, 3)
+    shared.asked = 0
+    phi_shared, n_shared = est.tmc(shared, 3, **options)
+    np.testing.assert_array_equal(phi_shared, phi)
+    assert n_shared == 0 and shared.asked == fresh.asked
+
+
 def test_memo_counts_distinct_and_forwards_only_new():
     calls = []
 
@@ -281,3 +381,17 @@ def test_choose_estimator():
     assert name == "kernel_shap" and fn is est.kernel_shap
     with pytest.raises(KeyError, match="known"):
         est.choose_estimator(11, exact_max_n=10, fallback="nope")
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(5, 8), (6, 64), (4, 100), (3, 1)])
+def test_study_table_chunks_cover_every_coalition_once(n, chunk):
+    # study_estimators builds exact tables chunk by chunk: together the chunks are every bitmask once, and
+    # within a chunk the leading facts (low bits) are fixed, so the coalitions share their fact prefixes.
+    from experiments.study_estimators import table_chunks
+
+    chunks = table_chunks(n, chunk)
+    np.testing.assert_array_equal(np.sort(np.concatenate(chunks)), np.arange(2**n))
+    for masks in chunks:
+        assert len(masks) == min(2**n, 2 ** int(np.log2(chunk)))
+        fixed = (1 << (n - int(np.log2(len(masks))))) - 1
+        assert len(set((masks & fixed).tolist())) == 1

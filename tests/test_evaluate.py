@@ -134,7 +134,6 @@ def _lines(path):
 
 @pytest.mark.slow
 def test_sigkill_half_way_then_resume_equals_uninterrupted(tmp_path):
-    pytest.importorskip("promed_jax.models.loader")
     modes = ("reactive", "proactive")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
 

@@ -195,9 +195,7 @@ def test_bad_coalition_shape(game):
 
 
 @pytest.mark.slow
-def test_smollm2_batched_equals_separate_on_medqa(data_dir):
-    if not assets.smollm2_available():
-        pytest.skip("SmolLM2 package not installed")
+def test_smollm2_batched_equals_separate_on_medqa(data_dir, smollm2_gguf):
     case = next(c for c in load_cases(data_dir / "medqa_dev_convo.jsonl", on_error="skip") if 5 <= c.n_facts <= 8)
     model = load_gguf(assets.smollm2_gguf_path())
     tokenizer = load_tokenizer(assets.smollm2_gguf_path())

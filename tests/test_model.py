@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import need_torch
 from flax import nnx
 
 from promed_jax.models import ModelConfig, Transformer, causal_mask, init_cache, positions_from_mask
 from promed_jax.models.checkpoints import load_hf
 
-torch = pytest.importorskip("torch")
+torch = need_torch()
 from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits
 
 TOL = 1e-4

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import need_torch
 from flax import nnx
 
 from promed_jax.models.config import ModelConfig
@@ -210,7 +211,7 @@ def processor_inputs():
 
 
 def test_repetition_penalty_matches_transformers(processor_inputs):
-    torch = pytest.importorskip("torch")
+    torch = need_torch()
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
     logits, history = processor_inputs
@@ -221,7 +222,7 @@ def test_repetition_penalty_matches_transformers(processor_inputs):
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_no_repeat_ngram_matches_transformers(processor_inputs, n):
-    torch = pytest.importorskip("torch")
+    torch = need_torch()
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
     logits, history = processor_inputs
@@ -237,7 +238,7 @@ def test_no_repeat_ngram_matches_transformers(processor_inputs, n):
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.8), (10, 0.6), (0, 0.05), (100, 0.9)])
 def test_top_k_top_p_match_transformers(processor_inputs, top_k, top_p):
-    torch = pytest.importorskip("torch")
+    torch = need_torch()
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     logits, _ = processor_inputs
@@ -260,7 +261,7 @@ TORCH_CASES = {
 
 @pytest.mark.parametrize("model_type", sorted(TORCH_CASES))
 def test_greedy_equals_transformers_generate(model_type, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_torch()
     from promed_jax.models.checkpoints import load_hf
     from promed_jax.models.testing import random_hf_model, save_hf_model
 

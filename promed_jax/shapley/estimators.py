@@ -2,9 +2,10 @@
 
 Every estimator has the signature `estimator(value_fn, n, *, budget, key, **options) -> (phi [n], n_evals)`,
 where `value_fn(bool[K, n]) -> float[K]` gives the value of K coalitions at once (row k, column i: fact i is
-in coalition k) and `n_evals` is the number of distinct coalitions the estimator asked for. Estimators ask
-for whole batches of coalitions (all prefixes of a permutation batch, one level of a truncated batch, all
-KernelSHAP samples) so that the game can evaluate each batch in one jitted call.
+in coalition k) and `n_evals` is the number of distinct coalitions the estimator added to the value function's
+memo (all it asked for, on a fresh one). Estimators ask for whole batches of coalitions (all prefixes of a
+permutation batch, one level of a truncated batch, all KernelSHAP samples) so that the game can evaluate each
+batch in one jitted call.
 
 Registered under kind "shapley_estimator": `exact`, `permutation`, `tmc` (the paper's truncated
 Monte-Carlo), `antithetic`, `kernel_shap` (paired). `choose_estimator` picks exact enumeration up to
@@ -24,6 +25,11 @@ from promed_jax import registry
 
 ValueFn = Callable[[np.ndarray], np.ndarray]  # bool[K, n] -> float[K]
 KIND = "shapley_estimator"
+
+
+def coalition_keys(coalitions: np.ndarray) -> list[bytes]:
+    """One hashable key per row of bool[K, n] (its packed bits)."""
+    return [row.tobytes() for row in np.packbits(coalitions, axis=1)]
 
 
 class MemoValue:
@@ -46,7 +52,7 @@ class MemoValue:
         coalitions = np.asarray(coalitions, dtype=bool)
         if coalitions.ndim != 2 or coalitions.shape[1] != self.n:
             raise ValueError(f"coalitions must be bool[K, {self.n}], got shape {coalitions.shape}")
-        keys = [row.tobytes() for row in np.packbits(coalitions, axis=1)]
+        keys = coalition_keys(coalitions)
         missing: dict[bytes, int] = {}
         for row, k in enumerate(keys):
             if k not in self._values and k not in missing:
@@ -90,12 +96,6 @@ def _counted(estimate: Callable[[MemoValue], np.ndarray], value_fn: ValueFn, n: 
 def endpoint_coalitions(n: int) -> np.ndarray:
     """bool[2, n]: ∅ and F."""
     return np.stack([np.zeros(n, bool), np.ones(n, bool)])
-
-
-def _endpoints(memo: MemoValue) -> tuple[float, float]:
-    """(v(∅), v(F))."""
-    v = memo(endpoint_coalitions(memo.n))
-    return float(v[0]), float(v[1])
 
 
 def prefix_coalitions(perms: np.ndarray) -> np.ndarray:
@@ -196,7 +196,8 @@ def tmc(
     after it count as zero marginal (the reference leaves their running mean untouched instead, which
     biases it upward: our Decision). After at least `min_permutations`, sampling stops once the mean
     absolute change of φ from one permutation to the next is below `convergence_tol`, or after
-    `max_permutations`, or (if given) once `budget` distinct coalitions are spent.
+    `max_permutations`, or (if given) once this run has asked for `budget` distinct coalitions, checked after
+    each batch. Coalitions a shared memo already held count as asked, so φ does not depend on what ran before.
 
     Permutations are walked `batch_permutations` at a time, one value call per prefix length for the
     still-running ones, then folded in one by one with the stopping rule, so φ does not depend on the
@@ -206,7 +207,13 @@ def tmc(
     perms = np.stack([rng.permutation(n) for _ in range(max_permutations)])
 
     def estimate(memo: MemoValue) -> np.ndarray:
-        v_empty, v_full = _endpoints(memo)
+        asked: set[bytes] = set()  # this run's distinct coalitions, for the budget
+
+        def value(coalitions: np.ndarray) -> np.ndarray:
+            asked.update(coalition_keys(coalitions))
+            return memo(coalitions)
+
+        v_empty, v_full = value(endpoint_coalitions(n)).tolist()
         phi = np.zeros(n)
         t = 0
         for start in range(0, max_permutations, batch_permutations):
@@ -219,7 +226,7 @@ def tmc(
                 rows = np.flatnonzero(active)
                 if rows.size == 0:
                     break
-                values[rows, j] = memo(prefixes[rows, j])
+                values[rows, j] = value(prefixes[rows, j])
                 done = np.abs(values[rows, j] - v_full) < truncation_tol
                 stop_at[rows[done]] = j
                 active[rows[done]] = False
@@ -233,7 +240,7 @@ def tmc(
                 phi = phi + (row - phi) / t
                 if t >= min_permutations and np.mean(np.abs(phi - previous)) < convergence_tol:
                     return phi
-            if budget is not None and memo.n_evals >= budget:
+            if budget is not None and len(asked) >= budget:
                 break
         return phi
 
