@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import need, need_torch
 
 from promed_jax.models import causal_mask, positions_from_mask
 from promed_jax.models import checkpoints as ckpt
 from promed_jax.models.checkpoints import CheckpointError, load_gguf, load_hf, read_gguf
 
-from conftest import need, need_torch
-
 torch = need_torch()
 need(importlib.util.find_spec("gguf") is not None, "gguf (requirements.txt)")  # absent on the lent GPU machine
-import gguf  # noqa: E402
+import gguf
+
 from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits
 
 ROPE_THETA = 800.0
