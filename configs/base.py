@@ -112,6 +112,12 @@ def shapley_config() -> ml_collections.ConfigDict:
     c.tau = 2.0  # paper: w = softmax(phi / tau)
     c.weighting = "shapley"  # 'shapley' (paper) | 'uniform' (ablation: no Shapley weighting)
     c.sig_mode = "exact"  # 'exact' (facts revealed verbatim) | 'paper' (understanding LLM + judge)
+    # Per-case caps (so a pathological case cannot run for hours): a case whose estimator would ask for more
+    # distinct coalitions, or coalitions x whole-prompt tokens, than these gets kernel_shap within them, with a
+    # warning. 4096 > exact at exact_max_n = 10 and > the default 8(n+1) up to n = 510; 4M tokens is 4096
+    # coalitions of a 1,000-token prompt (about 2 h of SmolLM2 on 2 CPU cores before prefix sharing).
+    c.max_case_coalitions = 4096
+    c.max_case_tokens = 4_000_000
     c.batch_size = 16  # coalitions per forward (at most; chunks round up to powers of two); 16 pads least on CPU
     c.seed = 0
     c.plot = False  # write a per-case bar chart of fact weights

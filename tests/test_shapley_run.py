@@ -15,10 +15,11 @@ import pytest
 from configs import shapley as shapley_config
 from promed_jax import provenance
 from promed_jax.data.cases import Case
-from promed_jax.errors import CacheError
+from promed_jax.errors import CacheError, ConfigError
 from promed_jax.models.loader import load_model
 from promed_jax.shapley import cache as cache_lib
 from promed_jax.shapley import run as run_lib
+from promed_jax.shapley.estimators import MemoValue
 from promed_jax.shapley.weights import shapley_weights
 from promed_jax.text.prompts import SHAPLEY_PROMPT_VERSION
 
@@ -134,19 +135,23 @@ def test_cache_refuses_another_model_or_prompt(tmp_path):
     cache_lib.check_compatible([record()], model="tiny:seed0", prompt_version=SHAPLEY_PROMPT_VERSION, path="p")
 
 
-def test_estimator_choice_follows_config():
-    def game(coalitions):  # symmetric and non-additive
-        return coalitions.sum(1).astype(np.float32) ** 1.5
+def _symmetric_game(coalitions):  # symmetric and non-additive
+    return coalitions.sum(1).astype(np.float32) ** 1.5
 
+
+def test_estimator_choice_follows_config():
+    game = MemoValue(_symmetric_game, 4)
     config = shapley_config.get_config().shapley
-    phi, n_evals, name = run_lib.estimate_case(game, 4, config, seed=1)
-    assert name == "exact" and n_evals == 16
+    plan = run_lib.plan_case("a:1", 4, 50, config)
+    phi, n_evals = run_lib.estimate_case(game, plan, seed=1)
+    assert plan == run_lib.CasePlan("exact", {}, 16) and n_evals == 16
     config = shapley_config.get_config().shapley
     config.exact_max_n = 3
     config.estimator = "kernel_shap"
     config.budget = 20
-    phi_ks, n_evals, name = run_lib.estimate_case(game, 4, config, seed=1)
-    assert name == "kernel_shap" and n_evals <= 20
+    plan = run_lib.plan_case("a:1", 4, 50, config)
+    phi_ks, n_evals = run_lib.estimate_case(MemoValue(_symmetric_game, 4), plan, seed=1)
+    assert plan.name == "kernel_shap" and not plan.warning and n_evals <= 20
     assert phi_ks.sum() == pytest.approx(phi.sum(), abs=1e-5)  # efficiency
     np.testing.assert_allclose(phi_ks, phi, atol=0.1)  # a symmetric game: φ = 2 each
     assert run_lib.case_seed(0, "a:1") == run_lib.case_seed(0, "a:1") != run_lib.case_seed(0, "a:2")
@@ -159,6 +164,52 @@ def test_budget_scales_with_facts_unless_set():
     assert run_lib.estimator_options("kernel_shap", config, 20) == {"budget": config.budget_per_fact * 21}
     config.budget = 100
     assert run_lib.case_budget(config, 11) == run_lib.case_budget(config, 30) == 100
+
+
+@pytest.mark.parametrize(
+    ("estimator", "n", "prompt_tokens", "caps", "expected"),
+    [
+        # 8(n+1) = 8008 coalitions at n = 1000: over the coalition cap, kernel_shap within it
+        ("kernel_shap", 1000, 100, (4096, 10**9), ("kernel_shap", 4096, True)),
+        # the token cap: 4,000 tokens per coalition leave 1,000,000 // 4,000 = 250
+        ("kernel_shap", 40, 4000, (4096, 10**6), ("kernel_shap", 250, True)),
+        # tmc walks up to 50 permutations of n - 1 new prefixes: 50 * 99 + 2 = 4952 > 4096
+        ("tmc", 100, 100, (4096, 10**9), ("kernel_shap", 4096, True)),
+        ("tmc", 80, 100, (4096, 10**9), ("tmc", 50 * 79 + 2, False)),  # within the cap: unchanged
+        ("permutation", 11, 100, (96, 10**9), ("kernel_shap", 96, True)),  # 96 + 2 * 11 > 96
+    ],
+)
+def test_a_case_over_the_per_case_cap_gets_kernel_shap_within_it(estimator, n, prompt_tokens, caps, expected):
+    config = shapley_config.get_config().shapley
+    config.estimator = estimator
+    config.max_case_coalitions, config.max_case_tokens = caps
+    plan = run_lib.plan_case("big:7", n, prompt_tokens, config)
+    name, coalitions, capped = expected
+    assert (plan.name, plan.coalitions) == (name, coalitions)
+    assert bool(plan.warning) == capped
+    if capped:
+        assert plan.options == {"budget": expected[1]}
+        assert plan.warning.startswith(f"shapley: case big:7 ({n} facts, {prompt_tokens} prompt tokens): {estimator}")
+        assert f"using kernel_shap with budget {expected[1]} instead" in plan.warning
+
+
+def test_a_case_the_caps_leave_too_few_coalitions_is_one_config_error():
+    config = shapley_config.get_config().shapley
+    config.max_case_tokens = 3 * 5000
+    with pytest.raises(ConfigError, match=r"^shapley: case big:7 \(40 facts, 5000 prompt tokens\) leaves 3 "):
+        run_lib.plan_case("big:7", 40, 5000, config)
+
+
+def test_the_stage_warns_and_keeps_the_cap_on_a_long_case(tmp_path, caplog):
+    """End to end: a 30-fact case under a cap of 24 coalitions gets kernel_shap with 24, and a warning."""
+    path = write_mediq(tmp_path / "long.jsonl", {"1": [f"Finding number {i} is present." for i in range(30)]})
+    config = file_config(path)
+    config.shapley.max_case_coalitions = 24
+    with caplog.at_level("WARNING"):
+        paths = run_lib.run(config, str(tmp_path / "wd"))
+    (rec,) = cache_lib.read_cache(paths["long"]).values()
+    assert rec.estimator == "kernel_shap" and rec.n == 30 and 4 <= rec.n_evals <= 24
+    assert any("case long:1 (30 facts" in m and "budget 24 instead" in m for m in caplog.messages)
 
 
 def shapley_command(workdir, *overrides):

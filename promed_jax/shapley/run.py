@@ -10,6 +10,7 @@ checked before anything is computed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pathlib
 import re
@@ -22,14 +23,16 @@ from absl import logging
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from promed_jax import provenance
+from promed_jax import provenance, registry
 from promed_jax.data.cases import Case
 from promed_jax.data.sources import cases_from_config
+from promed_jax.errors import ConfigError
 from promed_jax.io import JsonlWriter, atomic_write_bytes, output_lock
 from promed_jax.models.loader import load_model
 from promed_jax.shapley import cache as cache_lib
+from promed_jax.shapley import estimators
 from promed_jax.shapley.estimators import MemoValue, choose_estimator
-from promed_jax.shapley.game import CoalitionGame
+from promed_jax.shapley.game import CoalitionGame, ValuePrompt
 from promed_jax.shapley.weights import shapley_weights
 from promed_jax.sharding import make_mesh
 from promed_jax.text.prompts import SHAPLEY_PROMPT_VERSION
@@ -61,11 +64,66 @@ def case_seed(seed: int, case_id: str) -> int:
     return zlib.crc32(f"{seed}:{case_id}".encode())
 
 
-def estimate_case(value_fn: MemoValue, n: int, shapley: Mapping[str, Any], seed: int) -> tuple[np.ndarray, int, str]:
-    """(φ float64[n], distinct coalitions evaluated, estimator name) by the configured chooser."""
-    name, estimator = choose_estimator(n, exact_max_n=shapley["exact_max_n"], fallback=shapley["estimator"])
-    phi, n_evals = estimator(value_fn, n, key=seed, **estimator_options(name, shapley, n))
-    return phi, n_evals, name
+def prompt_tokens(prompt: ValuePrompt) -> int:
+    """Tokens of the value prompt with every fact: the longest coalition's."""
+    return prompt.prefix.size + sum(f.size for f in prompt.facts) + prompt.question.size + prompt.answer.size
+
+
+def most_coalitions(name: str, n: int, options: Mapping[str, Any]) -> int:
+    """An upper bound of the distinct coalitions estimator `name` asks for on an n-fact case."""
+    if name == "exact":
+        return 2**n
+    if name == "tmc":
+        walked = options["max_permutations"] * max(1, n - 1) + 2
+        return min(walked, options.get("budget") or walked)
+    if name == "kernel_shap":
+        return max(options["budget"], 4)  # the endpoints and at least one complementary pair
+    return options["budget"] + 2 * n  # permutation estimators walk whole permutations (antithetic: in pairs)
+
+
+# kernel_shap keeps to any budget of at least 4 coalitions and had the lowest error per coalition of the
+# sampling estimators on real games (README, Shapley values), so a case over the cap falls back to it.
+CAPPED_ESTIMATOR = "kernel_shap"
+
+
+@dataclasses.dataclass(frozen=True)
+class CasePlan:
+    """How one case's φ is estimated: the estimator, its options, and the warning when the cap changed them."""
+
+    name: str
+    options: Mapping[str, Any]
+    coalitions: int  # at most this many distinct coalitions
+    warning: str = ""
+
+
+def plan_case(case_id: str, n: int, prompt_tokens: int, shapley: Mapping[str, Any]) -> CasePlan:
+    """The configured estimator, or kernel_shap within the per-case cap when the configured one would exceed
+    `shapley.max_case_coalitions` distinct coalitions or `shapley.max_case_tokens` tokens (coalitions times the
+    whole prompt's `prompt_tokens`: an upper bound of what the game computes, before prefix sharing)."""
+    name, _ = choose_estimator(n, exact_max_n=shapley["exact_max_n"], fallback=shapley["estimator"])
+    options = estimator_options(name, shapley, n)
+    planned = most_coalitions(name, n, options)
+    cap = min(int(shapley["max_case_coalitions"]), int(shapley["max_case_tokens"]) // max(1, prompt_tokens))
+    if planned <= cap:
+        return CasePlan(name, options, planned)
+    if cap < most_coalitions(CAPPED_ESTIMATOR, n, {"budget": 0}):
+        raise ConfigError(
+            f"shapley: case {case_id} ({n} facts, {prompt_tokens} prompt tokens) leaves {cap} coalitions under "
+            f"shapley.max_case_coalitions={shapley['max_case_coalitions']} and shapley.max_case_tokens="
+            f"{shapley['max_case_tokens']}, too few to estimate; raise them or leave it out (data.max_facts)"
+        )
+    warning = (
+        f"shapley: case {case_id} ({n} facts, {prompt_tokens} prompt tokens): {name} would ask for up to "
+        f"{planned} coalitions, over the per-case cap of {cap} (shapley.max_case_coalitions="
+        f"{shapley['max_case_coalitions']}, shapley.max_case_tokens={shapley['max_case_tokens']}); "
+        f"using {CAPPED_ESTIMATOR} with budget {cap} instead"
+    )
+    return CasePlan(CAPPED_ESTIMATOR, {"budget": cap}, cap, warning)
+
+
+def estimate_case(value_fn: MemoValue, plan: CasePlan, seed: int) -> tuple[np.ndarray, int]:
+    """(φ float64[n], distinct coalitions evaluated) of one case by its plan."""
+    return registry.get(estimators.KIND, plan.name)(value_fn, value_fn.n, key=seed, **plan.options)
 
 
 def plot_weights(case: Case, record: cache_lib.ShapleyRecord, path: pathlib.Path) -> None:
@@ -141,16 +199,18 @@ def _run(config, workdir: str) -> dict[str, pathlib.Path]:
             continue
         with JsonlWriter(path) as writer:
             for case in tqdm(todo, desc=f"shapley {source}", unit="case"):
-                phi, n_evals, name = estimate_case(
-                    game.value_fn(case), case.n_facts, shapley, case_seed(shapley.seed, case.id)
-                )
+                prompt = game.prompt(case)
+                plan = plan_case(case.id, case.n_facts, prompt_tokens(prompt), shapley)
+                if plan.warning:
+                    logging.warning("%s", plan.warning)
+                phi, n_evals = estimate_case(game.value_fn(case), plan, case_seed(shapley.seed, case.id))
                 record = cache_lib.ShapleyRecord(
                     id=case.id,
                     fingerprint=case.fingerprint,
                     n=case.n_facts,
                     phi=tuple(phi.tolist()),
                     w=tuple(shapley_weights(phi, tau=shapley.tau).tolist()),
-                    estimator=name,
+                    estimator=plan.name,
                     n_evals=n_evals,
                     model=model_name,
                     prompt_version=SHAPLEY_PROMPT_VERSION,
