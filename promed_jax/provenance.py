@@ -22,7 +22,8 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
 
 - shapley: `model.dtype`, `model.param_dtype`; the estimator and its options (`shapley.estimator`,
   `exact_max_n`, `budget`, `budget_per_fact`, `min_permutations`, `max_permutations`, `truncation_tol`,
-  `convergence_tol`, `batch_permutations`, `seed`) and `shapley.tau` (w is stored). Not `shapley.weighting`
+  `convergence_tol`, `batch_permutations`, `seed`), the per-case caps that can replace it
+  (`max_case_coalitions`, `max_case_tokens`) and `shapley.tau` (w is stored). Not `shapley.weighting`
   (applied when weights are read) nor `sig_mode` (a reward setting).
 - eval: `model.dtype`, `model.param_dtype` and the LoRA settings (`lora_rank`, `lora_alpha`, `lora_targets`:
   α scales trained adapters); `data.initial_info` (what the doctor is told, not in the fingerprint); the protocol
@@ -69,6 +70,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "shapley.batch_permutations",
         "shapley.seed",
         "shapley.tau",
+        "shapley.max_case_coalitions",
+        "shapley.max_case_tokens",
     ),
     "eval": (
         *_MODEL_NUMERICS,
