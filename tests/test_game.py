@@ -236,8 +236,13 @@ def test_memory_model_from_config(model):
     # header and one chunk's rows twice (gathered, then written).
     prompt = layout.tokenize_value_prompt(build_tiny_tokenizer(), EN_CASE)
     tree = plan_lib.plan_tree(prompt, est.all_coalitions(5)[:5], plan_lib.Batching(4, 16), share_facts=False, tail_slots=8)
-    assert tree.peak_cache_rows == 1 + 2 * 4
-    assert memory.plan_bytes(tree, 8) > tree.peak_cache_rows * tree.slots * memory.kv_slot_bytes
+    assert tree.header_slots == layout.length_bucket(prompt.prefix.size)
+    assert tree.peak_cache_slots == tree.header_slots + 2 * 4 * tree.slots
+    assert memory.plan_bytes(tree, 8) > tree.peak_cache_slots * memory.kv_slot_bytes
+    # With the fact tree, a level's rows end at its last slot: the shallow levels are narrower than the leaves.
+    [(_, deep)] = game_lib.CoalitionGame(model, build_tiny_tokenizer()).plans(prompt, est.all_coalitions(5))
+    assert [level.slots for level in deep.levels] == sorted(level.slots for level in deep.levels)
+    assert deep.levels[0].slots < deep.slots
 
 
 def test_budget_cuts_coalitions_into_groups_with_equal_values(tokenizer):

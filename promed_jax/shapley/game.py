@@ -99,9 +99,15 @@ def _header_cache(graphdef, params, prefix: jax.Array, *, slots: int) -> KVCache
     return cache
 
 
-def _gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
-    """The cache rows `rows` int32[R] of a level's nodes (a parent may have several children)."""
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+def _gather_rows(cache: KVCache, rows: jax.Array, *, slots: int) -> KVCache:
+    """The parents' rows `rows` int32[R] for a level's nodes (a parent may have several children), padded
+    with empty slots to the level's `slots`: KVCache [B, S] -> [R, slots]."""
+
+    def gather(x: jax.Array) -> jax.Array:
+        x = jnp.take(x, rows, axis=0)
+        return jnp.pad(x, ((0, 0), (0, slots - x.shape[1]), (0, 0), (0, 0)))
+
+    return jax.tree.map(gather, cache)
 
 
 def _extend(graphdef, params, cache: KVCache, tokens, positions, key_valid, start) -> KVCache:
@@ -211,7 +217,7 @@ class CoalitionGame:
             params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.params = params
         self._header_fn = jax.jit(functools.partial(_header_cache, graphdef), static_argnames="slots")
-        self._gather_fn = jax.jit(_gather_rows)
+        self._gather_fn = jax.jit(_gather_rows, static_argnames="slots")
         self._extend_fn = jax.jit(functools.partial(_extend, graphdef), donate_argnums=1)
         self._leaf_fn = jax.jit(functools.partial(_leaf_scores, graphdef))
         self._plain_fn = jax.jit(functools.partial(_scores_without_reuse, graphdef))
@@ -264,10 +270,10 @@ class CoalitionGame:
     def _run_tree(self, prompt: ValuePrompt, plan: TreePlan) -> np.ndarray:
         """float32[K]: the values of the plan's leaves, in their order."""
         tail, targets, valid = answer_tail(prompt, self.pad_id)
-        p, slots, levels = prompt.prefix.size, plan.slots, plan.levels
+        p, levels = prompt.prefix.size, plan.levels
         leaf = levels[-1]
         fact_lens = prompt.fact_lens
-        cache = self._header(prompt, slots)
+        cache = self._header(prompt, plan.header_slots)
         out = np.empty(len(leaf.rows), np.float32)
         for depth, level in enumerate(levels):
             pieces = []
@@ -276,14 +282,14 @@ class CoalitionGame:
                 k = len(nodes)
                 parent = np.zeros(k_pad, np.int32)
                 parent[:k] = level.parent[nodes]
-                rows_cache = self._gather_fn(cache, parent)
+                rows_cache = self._gather_fn(cache, parent, slots=level.slots)
                 if self.mesh is not None:
                     rows_cache = jax.device_put(rows_cache, NamedSharding(self.mesh, PartitionSpec("data")))
                 if width == 0:
                     pieces.append(rows_cache)
                     continue
                 tokens = np.full((k_pad, width), self.pad_id, np.int32)
-                key_valid = np.zeros((k_pad, slots), bool)
+                key_valid = np.zeros((k_pad, level.slots), bool)
                 key_valid[:, :p] = True
                 lengths = np.full(k_pad, p, np.int64)  # tokens before this level's, per row
                 for j, node in enumerate(nodes):
@@ -295,21 +301,33 @@ class CoalitionGame:
                         lengths[j] += kept
                     key_valid[j, level.start : level.start + ids.size] = True
                 positions = (lengths[:, None] + np.arange(width)[None, :]).astype(np.int32)
-                args = (self._shard(tokens), self._shard(positions))
-                if level is not leaf:
-                    pieces.append(
-                        self._extend_fn(self.params, rows_cache, *args, self._shard(key_valid), np.int32(level.start))
+                if level is leaf:
+                    key_valid[:, level.start + width : level.start + width + tail.size] = True
+                key_valid_rows = self._shard(key_valid)
+                # All steps but the leaves' last write their tokens' keys and values; the last one scores.
+                last = width if level is not leaf else width - ((width - 1) % chunk.step + 1)
+                for at in range(0, last, chunk.step):
+                    end = min(at + chunk.step, last)
+                    rows_cache = self._extend_fn(
+                        self.params,
+                        rows_cache,
+                        self._shard(tokens[:, at:end]),
+                        self._shard(positions[:, at:end]),
+                        key_valid_rows,
+                        np.int32(level.start + at),
                     )
+                if level is not leaf:
+                    pieces.append(rows_cache)
                     continue
-                key_valid[:, level.start + width : level.start + width + tail.size] = True
+                args = (self._shard(tokens[:, last:]), self._shard(positions[:, last:]))
                 lengths += np.array([level.tokens[node].size for node in nodes] + [0] * (k_pad - k))
                 tail_positions = (lengths[:, None] + np.arange(tail.size)[None, :]).astype(np.int32)
                 scores = self._leaf_fn(
                     self.params,
                     rows_cache,
                     *args,
-                    self._shard(key_valid),
-                    np.int32(level.start),
+                    key_valid_rows,
+                    np.int32(level.start + last),
                     tail,
                     self._shard(tail_positions),
                     targets,

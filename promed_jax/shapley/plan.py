@@ -3,8 +3,9 @@
 A call's coalitions share computation through a prefix tree (`plan_levels` picks its cut points by a cost
 model of the forwards): the header is computed once; a level [a, b) computes the kept tokens of facts [a, b)
 once per distinct path above it; the leaves, one per coalition, add the last run of facts and the question.
-Every node keeps a cache row of `TreePlan.slots` slots, so a level's cache is (its padded rows) x slots; with
-K coalitions and n facts that is about K·n keys and values per layer. `plan_groups` bounds it: when the plan
+A node's cache row has only the slots up to its level's end (`Level.slots`; the next level's gather pads
+them), so the shallow levels, where the nodes are many, stay narrow. Still, K coalitions of n facts keep
+about K·n keys and values per layer in the deep levels. `plan_groups` bounds it: when the plan
 of all coalitions would take more than `max_bytes` (`MemoryModel`), the coalitions are sorted (so that a
 group keeps its shared prefixes) and halved until every group's plan fits; each group runs on its own.
 The plan types are frozen: the game only reads them.
@@ -36,12 +37,15 @@ class Batching:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """One forward of a level: nodes int[k] (indices into the level), `width` slots written (0: the rows are
-    copies of their parents: all the level's facts dropped), `rows` = k padded."""
+    """The rows of a level computed together: nodes int[k] (indices into the level), `width` slots written (0:
+    the rows are copies of their parents: all the level's facts dropped), `rows` = k padded, `step` the
+    tokens of each forward (the width in forwards of `step` tokens and a last one of the rest: a wide chunk
+    under a tight budget is computed piece by piece, exactly, since a query never sees later slots)."""
 
     nodes: np.ndarray
     width: int
     rows: int
+    step: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Level:
     each node's restriction of the coalitions to facts [0, b) (the leaf level: the coalitions themselves);
     tokens: U arrays int32, the new token ids of each node (its kept facts of [a, b); the leaves add
     question[:-1]); start: the first cache slot this level writes; width: the slots its chunks may write;
+    slots: the cache slots of its rows (its end, bucketed; the leaves': the whole row with the tail);
     chunks: its forwards, in the order their rows are stacked into the level's cache.
     """
 
@@ -62,6 +67,7 @@ class Level:
     tokens: tuple[np.ndarray, ...]
     start: int
     width: int
+    slots: int
     chunks: tuple[Chunk, ...]
 
     @property
@@ -73,20 +79,25 @@ class Level:
 @dataclasses.dataclass(frozen=True)
 class TreePlan:
     """The levels of one call (the last is the leaves: one node per coalition, in the coalitions' order) and
-    the cache slots of every row: header + every level's width + the tail, bucketed."""
+    the header's cache slots (`header_slots`, its P tokens bucketed)."""
 
     levels: tuple[Level, ...]
-    slots: int
+    header_slots: int
 
     @property
-    def peak_cache_rows(self) -> int:
-        """Cache rows alive at once: a level's input, its chunks and their concatenation (2x its rows); at the
-        leaves, the input and two chunks' rows (the gathered rows and the written cache)."""
-        before, peak = 1, 0  # the header's one row
+    def slots(self) -> int:
+        """A leaf row's slots: header + every level's width + the tail, bucketed."""
+        return self.levels[-1].slots
+
+    @property
+    def peak_cache_slots(self) -> int:
+        """Cache slots (rows x slots) alive at once: a level's input, its chunks and their concatenation (2x
+        its rows); at the leaves, the input and two chunks' rows (the gathered rows and the written cache)."""
+        before, peak = self.header_slots, 0
         for level in self.levels[:-1]:
-            peak = max(peak, before + 2 * level.cache_rows)
-            before = level.cache_rows
-        return max(peak, before + 2 * max(c.rows for c in self.levels[-1].chunks))
+            peak = max(peak, before + 2 * level.cache_rows * level.slots)
+            before = level.cache_rows * level.slots
+        return max(peak, before + 2 * max(c.rows for c in self.levels[-1].chunks) * self.slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +134,16 @@ class MemoryModel:
         per_token = 3 * self.heads * slots * 4 + slots + (3 * self.intermediate + 4 * self.hidden) * self.itemsize
         return rows * tokens * (per_token + (2 * self.vocab * 4 if scored else 0))
 
+    def step(self, rows: int, slots: int, max_bytes: int) -> int:
+        """The most tokens (a multiple of 8, at least 8) a forward of `rows` rows may take within `max_bytes`."""
+        return max(8, max_bytes // self.forward_bytes(rows, 8, slots) * 8)
+
     def plan_bytes(self, plan: TreePlan, tail_slots: int) -> int:
         """The KV cache alive at the plan's peak plus its largest forward's activations."""
-        forwards = [self.forward_bytes(c.rows, c.width, plan.slots) for level in plan.levels for c in level.chunks]
+        forwards = [self.forward_bytes(c.rows, c.step, level.slots) for level in plan.levels for c in level.chunks]
         leaves = plan.levels[-1].chunks
         forwards += [self.forward_bytes(c.rows, tail_slots, plan.slots, scored=True) for c in leaves]
-        return plan.peak_cache_rows * plan.slots * self.kv_slot_bytes + max(forwards)
+        return plan.peak_cache_slots * self.kv_slot_bytes + max(forwards)
 
 
 def level_cost(lengths: np.ndarray, *, min_batch: int, batch_size: int, call_cost: float) -> float:
@@ -183,21 +198,29 @@ def plan_levels(
     return bounds[::-1]
 
 
-def _chunks(lengths: np.ndarray, batching: Batching, *, leaf: bool) -> tuple[Chunk, ...]:
-    """A level's forwards (`chunk_nodes`); above the leaves, nodes with no new tokens (all facts of the level
-    dropped) go in chunks of width 0: copies of their parents. Every leaf runs: it scores the answer."""
+def _cut(lengths: np.ndarray, batching: Batching, *, leaf: bool) -> list[tuple[np.ndarray, int]]:
+    """A level's chunks (`chunk_nodes`) as (nodes, width); above the leaves, nodes with no new tokens (all
+    facts of the level dropped) go in chunks of width 0: copies of their parents. Every leaf runs: it scores
+    the answer."""
     if leaf:
         lengths = np.maximum(lengths, 1)
     empty = np.flatnonzero(lengths == 0)
     cut = [(empty[at : at + batching.batch_size], 0) for at in range(0, len(empty), batching.batch_size)]
-    cut += chunk_nodes(lengths, min_batch=batching.min_batch, batch_size=batching.batch_size)
-    return tuple(Chunk(nodes=nodes, width=width, rows=batching.padded(len(nodes))) for nodes, width in cut)
+    return cut + chunk_nodes(lengths, min_batch=batching.min_batch, batch_size=batching.batch_size)
 
 
 def plan_tree(
-    prompt: ValuePrompt, coalitions: np.ndarray, batching: Batching, *, share_facts: bool, tail_slots: int
+    prompt: ValuePrompt,
+    coalitions: np.ndarray,
+    batching: Batching,
+    *,
+    share_facts: bool,
+    tail_slots: int,
+    memory: MemoryModel | None = None,
+    max_forward_bytes: int | None = None,
 ) -> TreePlan:
-    """The prefix tree of coalitions bool[K, n] (`plan_levels`; one leaf level with `share_facts` off)."""
+    """The prefix tree of coalitions bool[K, n] (`plan_levels`; one leaf level with `share_facts` off). With
+    `max_forward_bytes`, a chunk whose forward would take more is computed in steps that fit (`Chunk.step`)."""
     n = prompt.n
     bounds = [n]
     if share_facts:
@@ -209,7 +232,7 @@ def plan_tree(
             batch_size=batching.batch_size,
             call_cost=batching.call_cost,
         )
-    levels, start = [], prompt.prefix.size
+    levels, ends, start = [], [], prompt.prefix.size
     index = {b"": 0}  # row of each node of the previous level, keyed by its restriction's bytes
     no_tokens = np.zeros(0, np.int32)
     for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
@@ -219,15 +242,28 @@ def plan_tree(
         if leaf:
             tokens = [np.concatenate([t, prompt.question[:-1]]) for t in tokens]
         parent = np.array([index[r[:a].tobytes()] for r in rows], dtype=np.int32)
-        chunks = _chunks(np.array([t.size for t in tokens]), batching, leaf=leaf)
-        width = max((c.width for c in chunks), default=0)
-        levels.append(Level(a, b, parent, rows, tuple(tokens), start, width, chunks))
+        cut = _cut(np.array([t.size for t in tokens]), batching, leaf=leaf)
+        width = max((w for _, w in cut), default=0)
+        levels.append((a, b, parent, rows, tuple(tokens), start, width, cut))
+        ends.append(length_bucket(start + width + (tail_slots if leaf else 0)))
         index, offset = {}, 0
-        for chunk in chunks:
-            index.update((rows[node].tobytes(), offset + j) for j, node in enumerate(chunk.nodes))
-            offset += chunk.rows
+        for nodes, _ in cut:
+            index.update((rows[node].tobytes(), offset + j) for j, node in enumerate(nodes))
+            offset += batching.padded(len(nodes))
         start += width
-    return TreePlan(levels=tuple(levels), slots=length_bucket(start + tail_slots))
+
+    def chunk(nodes: np.ndarray, width: int, slots: int) -> Chunk:
+        rows = batching.padded(len(nodes))
+        step = width if max_forward_bytes is None else min(width, memory.step(rows, slots, max_forward_bytes))
+        return Chunk(nodes=nodes, width=width, rows=rows, step=step)
+
+    return TreePlan(
+        levels=tuple(
+            Level(*fields, slots=slots, chunks=tuple(chunk(*c, slots) for c in cut))
+            for (*fields, cut), slots in zip(levels, ends, strict=True)
+        ),
+        header_slots=length_bucket(prompt.prefix.size),
+    )
 
 
 def plan_groups(
@@ -245,10 +281,12 @@ def plan_groups(
     All coalitions in one plan when it fits (or `max_bytes` is None), as without a budget. Otherwise they
     are sorted lexicographically, so that a group's coalitions share their leading facts, and halved (at
     multiples of `batch_size`) until each group fits; a group of at most `batch_size` coalitions whose tree
-    does not fit takes the flat layout (the least memory: the header and its own chunk). Raises ConfigError
-    when even that does not fit.
+    does not fit takes the flat layout (the least memory: the header and its own chunk). A forward may take
+    a quarter of the budget (wider chunks are computed in steps); the rest bounds the cache. Raises
+    ConfigError when even one group of `batch_size` coalitions does not fit.
     """
-    options = {"share_facts": share_facts, "tail_slots": tail_slots}
+    forward = None if max_bytes is None else max_bytes // 4
+    options = {"share_facts": share_facts, "tail_slots": tail_slots, "memory": memory, "max_forward_bytes": forward}
     whole = plan_tree(prompt, coalitions, batching, **options)
     if max_bytes is None or memory.plan_bytes(whole, tail_slots) <= max_bytes:
         return [(np.arange(len(coalitions)), whole)]
@@ -258,7 +296,7 @@ def plan_groups(
         plan = plan_tree(prompt, coalitions[rows], batching, **options)
         small = len(rows) <= batching.batch_size
         if small and memory.plan_bytes(plan, tail_slots) > max_bytes:
-            plan = plan_tree(prompt, coalitions[rows], batching, share_facts=False, tail_slots=tail_slots)
+            plan = plan_tree(prompt, coalitions[rows], batching, **{**options, "share_facts": False})
         need = memory.plan_bytes(plan, tail_slots)
         if need <= max_bytes:
             groups.append((rows, plan))
