@@ -3,9 +3,9 @@
 A call's coalitions share computation through a prefix tree (`plan_levels` picks its cut points by a cost
 model of the forwards): the header is computed once; a level [a, b) computes the kept tokens of facts [a, b)
 once per distinct path above it; the leaves, one per coalition, add the last run of facts and the question.
-A node's cache row has only the slots up to its level's end (`Level.slots`; the next level's gather pads
-them), so the shallow levels, where the nodes are many, stay narrow. Still, K coalitions of n facts keep
-about K·n keys and values per layer in the deep levels. `plan_groups` bounds it: when the plan
+Every node keeps a cache row of the whole row's slots (`TreePlan.slots`: one shape for all the forwards of a
+call, so few compiled executables, which stay in memory), so K coalitions of n facts keep about K·n keys
+and values per layer. `plan_groups` bounds it: when the plan
 of all coalitions would take more than `max_bytes` (`MemoryModel`), the coalitions are sorted (so that a
 group keeps its shared prefixes) and halved until every group's plan fits; each group runs on its own.
 The plan types are frozen: the game only reads them.
@@ -56,7 +56,8 @@ class Level:
     each node's restriction of the coalitions to facts [0, b) (the leaf level: the coalitions themselves);
     tokens: U arrays int32, the new token ids of each node (its kept facts of [a, b); the leaves add
     question[:-1]); start: the first cache slot this level writes; width: the slots its chunks may write;
-    slots: the cache slots of its rows (its end, bucketed; the leaves': the whole row with the tail);
+    slots: the cache slots of its rows (the whole row with the tail, bucketed, at every level: rows cut at
+    each level's end took less memory but compiled several times more shapes, whose executables stay);
     chunks: its forwards, in the order their rows are stacked into the level's cache.
     """
 
@@ -241,7 +242,7 @@ def plan_tree(
             batch_size=batching.batch_size,
             call_cost=batching.call_cost,
         )
-    levels, ends, start = [], [], prompt.prefix.size
+    levels, start = [], prompt.prefix.size
     index = {b"": 0}  # row of each node of the previous level, keyed by its restriction's bytes
     no_tokens = np.zeros(0, np.int32)
     for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
@@ -254,23 +255,21 @@ def plan_tree(
         cut = _cut(np.array([t.size for t in tokens]), batching, leaf=leaf)
         width = max((w for _, w in cut), default=0)
         levels.append((a, b, parent, rows, tuple(tokens), start, width, cut))
-        ends.append(length_bucket(start + width + (tail_slots if leaf else 0)))
         index, offset = {}, 0
         for nodes, _ in cut:
             index.update((rows[node].tobytes(), offset + j) for j, node in enumerate(nodes))
             offset += batching.padded(len(nodes))
         start += width
 
-    def chunk(nodes: np.ndarray, width: int, slots: int) -> Chunk:
+    slots = length_bucket(start + tail_slots)
+
+    def chunk(nodes: np.ndarray, width: int) -> Chunk:
         rows = batching.padded(len(nodes))
         step = width if max_forward_bytes is None else min(width, memory.step(rows, slots, max_forward_bytes))
         return Chunk(nodes=nodes, width=width, rows=rows, step=step)
 
     return TreePlan(
-        levels=tuple(
-            Level(*fields, slots=slots, chunks=tuple(chunk(*c, slots) for c in cut))
-            for (*fields, cut), slots in zip(levels, ends, strict=True)
-        ),
+        levels=tuple(Level(*fields, slots=slots, chunks=tuple(chunk(*c) for c in cut)) for *fields, cut in levels),
         header_slots=length_bucket(prompt.prefix.size),
     )
 
