@@ -106,9 +106,10 @@ def shapley_config() -> ml_collections.ConfigDict:
     c.sig_mode = "exact"  # 'exact' (facts revealed verbatim) | 'paper' (understanding LLM + judge)
     c.batch_size = 16  # coalitions per forward (at most; chunks round up to powers of two); 16 pads least on CPU
     # KV cache + activations of one game call, in bytes (promed_jax.shapley.plan.MemoryModel): the coalitions
-    # are cut into groups whose prefix trees fit. 2 GiB keeps SmolLM2 (fp32 weights and runtime ~1.5 GB) under
-    # 6 GB RSS at any n up to 48 (tests/test_game_memory.py; README "Shapley values").
-    c.max_cache_bytes = 2 * 2**30
+    # are cut into groups whose prefix trees fit. SmolLM2's process takes ~2.2 GB before the game (fp32 weights,
+    # runtime, compiled executables, which grow with the shapes met) and peaks at ~1.5x the estimate above that:
+    # at 2 GiB a 9-fact exact game peaked at 5.1 GB, so 1 GiB leaves room under 6 GB at any n up to 48.
+    c.max_cache_bytes = 2**30
     c.seed = 0
     c.plot = False  # write a per-case bar chart of fact weights
     return c
