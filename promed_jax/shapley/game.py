@@ -110,11 +110,6 @@ def _gather_rows(cache: KVCache, rows: jax.Array, *, slots: int) -> KVCache:
     return jax.tree.map(gather, cache)
 
 
-def _put_rows(level: KVCache, rows: KVCache, offset: jax.Array) -> KVCache:
-    """Writes a chunk's rows KVCache [R, S] into rows [offset, offset + R) of its level's cache [U, S]."""
-    return jax.tree.map(lambda big, x: jax.lax.dynamic_update_slice(big, x, (offset, 0, 0, 0)), level, rows)
-
-
 def _extend(graphdef, params, cache: KVCache, tokens, positions, key_valid, start) -> KVCache:
     """Writes tokens int32[R, L] into slots [start, start + L) of each row's cache [R, S]; key_valid bool[R, S]
     marks the slots each row's tokens see (its own path through the fact tree), positions int32[R, L]."""
@@ -211,7 +206,6 @@ class CoalitionGame:
         self.reuse_prefix = reuse_prefix
         self.share_facts = share_facts
         self.max_cache_bytes = max_cache_bytes
-        self.model_config = model.config
         self.memory = MemoryModel.of(model.config)
         data = 1 if mesh is None else mesh.shape["data"]
         min_batch = -(-max(min_batch, data) // data) * data
@@ -224,7 +218,6 @@ class CoalitionGame:
         self.params = params
         self._header_fn = jax.jit(functools.partial(_header_cache, graphdef), static_argnames="slots")
         self._gather_fn = jax.jit(_gather_rows, static_argnames="slots")
-        self._put_fn = jax.jit(_put_rows, donate_argnums=0)
         self._extend_fn = jax.jit(functools.partial(_extend, graphdef), donate_argnums=1)
         self._leaf_fn = jax.jit(functools.partial(_leaf_scores, graphdef))
         self._plain_fn = jax.jit(functools.partial(_scores_without_reuse, graphdef))
@@ -283,9 +276,7 @@ class CoalitionGame:
         cache = self._header(prompt, plan.header_slots)
         out = np.empty(len(leaf.rows), np.float32)
         for depth, level in enumerate(levels):
-            if level is not leaf:
-                level_cache = self._shard(init_cache(self.model_config, level.cache_array_rows, level.slots))
-            offset = 0
+            pieces = []
             for chunk in level.chunks:
                 nodes, width, k_pad = chunk.nodes, chunk.width, chunk.rows
                 k = len(nodes)
@@ -295,8 +286,7 @@ class CoalitionGame:
                 if self.mesh is not None:
                     rows_cache = jax.device_put(rows_cache, NamedSharding(self.mesh, PartitionSpec("data")))
                 if width == 0:
-                    level_cache = self._put_fn(level_cache, rows_cache, np.int32(offset))
-                    offset += k_pad
+                    pieces.append(rows_cache)
                     continue
                 tokens = np.full((k_pad, width), self.pad_id, np.int32)
                 key_valid = np.zeros((k_pad, level.slots), bool)
@@ -327,8 +317,7 @@ class CoalitionGame:
                         np.int32(level.start + at),
                     )
                 if level is not leaf:
-                    level_cache = self._put_fn(level_cache, rows_cache, np.int32(offset))
-                    offset += k_pad
+                    pieces.append(rows_cache)
                     continue
                 args = (self._shard(tokens[:, last:]), self._shard(positions[:, last:]))
                 lengths += np.array([level.tokens[node].size for node in nodes] + [0] * (k_pad - k))
@@ -346,7 +335,8 @@ class CoalitionGame:
                 )
                 out[nodes] = np.asarray(scores)[:k]
             if level is not leaf:
-                cache = level_cache
+                del cache  # the previous level's rows: freed before the concatenation doubles this level's
+                cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *pieces)
         return out
 
     def _header(self, prompt: ValuePrompt, slots: int) -> KVCache:
@@ -382,8 +372,7 @@ class CoalitionGame:
             out[rows] = np.asarray(scores)[:k]
         return out
 
-    def _shard(self, x):
-        """Arrays (or a KVCache) with rows first, sharded over the mesh's data axis."""
+    def _shard(self, x: np.ndarray) -> jax.Array | np.ndarray:
         if self.mesh is None:
             return x
         return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec("data")))

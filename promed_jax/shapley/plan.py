@@ -73,15 +73,9 @@ class Level:
 
     @property
     def cache_rows(self) -> int:
-        """Rows its chunks fill (every chunk padded)."""
+        """Rows of this level's cache array (every chunk padded)."""
         return sum(c.rows for c in self.chunks)
 
-    @property
-    def cache_array_rows(self) -> int:
-        """Rows of this level's cache array: `cache_rows` bucketed (few compiled shapes), a multiple of the
-        smallest chunk (so that it shards like the chunks)."""
-        unit = min(c.rows for c in self.chunks)
-        return -(-length_bucket(self.cache_rows) // unit) * unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +93,14 @@ class TreePlan:
 
     @property
     def peak_cache_slots(self) -> int:
-        """Cache slots (rows x slots) alive at once: the previous level's cache array, this level's, and a
-        chunk's rows twice (gathered, then written)."""
+        """Cache slots (rows x slots) alive at once: a level's input and its chunks, then the chunks and their
+        concatenation (2x its rows); at the leaves, the input and a chunk's rows twice (gathered, written)."""
         before, peak = self.header_slots, 0
-        for level in self.levels:
-            chunk = 2 * max(c.rows for c in level.chunks) * level.slots
-            array = 0 if level is self.levels[-1] else level.cache_array_rows * level.slots
-            peak = max(peak, before + array + chunk)
-            before = array
-        return peak
+        for level in self.levels[:-1]:
+            size = level.cache_rows * level.slots
+            peak = max(peak, before + size, 2 * size)
+            before = size
+        return max(peak, before + 2 * max(c.rows for c in self.levels[-1].chunks) * self.slots)
 
 
 @dataclasses.dataclass(frozen=True)
