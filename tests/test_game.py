@@ -275,3 +275,18 @@ def test_budget_below_one_forward_is_a_config_error(model, tokenizer):
         tight.values(tight.prompt(EN_CASE), est.all_coalitions(5))
     with pytest.raises(ConfigError, match=r"shapley\.max_cache_bytes=0"):
         game_lib.CoalitionGame(model, tokenizer, max_cache_bytes=0)
+
+
+def test_compiled_executables_are_bounded_between_cases(model, tokenizer):
+    bounded = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_executables=1)
+    coalitions = est.all_coalitions(3)
+    first = bounded.value_fn(ZH_CASE)(coalitions)
+    assert bounded.executables > 1
+    again = bounded.value_fn(ZH_CASE)  # a new case starts: past the bound, the compiled functions go
+    assert bounded.executables == 0
+    np.testing.assert_allclose(again(coalitions), first, atol=1e-6)
+    kept = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_executables=None)
+    kept.value_fn(ZH_CASE)(coalitions)
+    count = kept.executables
+    kept.value_fn(ZH_CASE)
+    assert kept.executables == count > 1

@@ -183,6 +183,9 @@ class CoalitionGame:
       call_cost: a forward's fixed cost in token slots, for planning the tree (`plan.plan_levels`).
       max_cache_bytes: the most bytes of KV cache and activations a call may hold (`plan.MemoryModel`, whole
         mesh); the coalitions are cut into groups that fit (`plan.plan_groups`). None: no bound.
+      max_executables: compiled executables stay in memory (about 28 MB each for SmolLM2 on CPU) and each new
+        shape adds one; when a new case starts (`value_fn`) with more than this many, the game's compiled
+        functions are dropped (shapes met again recompile). None: keep them all.
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class CoalitionGame:
         share_facts: bool = True,
         call_cost: float = 32.0,
         max_cache_bytes: int | None = None,
+        max_executables: int | None = 64,
     ):
         if max_cache_bytes is not None and max_cache_bytes <= 0:
             raise ConfigError(f"shapley.max_cache_bytes={max_cache_bytes}: must be positive")
@@ -206,6 +210,7 @@ class CoalitionGame:
         self.reuse_prefix = reuse_prefix
         self.share_facts = share_facts
         self.max_cache_bytes = max_cache_bytes
+        self.max_executables = max_executables
         self.memory = MemoryModel.of(model.config)
         data = 1 if mesh is None else mesh.shape["data"]
         min_batch = -(-max(min_batch, data) // data) * data
@@ -221,6 +226,7 @@ class CoalitionGame:
         self._extend_fn = jax.jit(functools.partial(_extend, graphdef), donate_argnums=1)
         self._leaf_fn = jax.jit(functools.partial(_leaf_scores, graphdef))
         self._plain_fn = jax.jit(functools.partial(_scores_without_reuse, graphdef))
+        self._compiled = (self._header_fn, self._gather_fn, self._extend_fn, self._leaf_fn, self._plain_fn)
         self._header_memo: dict[tuple[bytes, int], KVCache] = {}
 
     @property
@@ -234,8 +240,16 @@ class CoalitionGame:
     def prompt(self, case: Case) -> ValuePrompt:
         return tokenize_value_prompt(self.tokenizer, case)
 
+    @property
+    def executables(self) -> int:
+        """Compiled executables the game holds now."""
+        return sum(fn._cache_size() for fn in self._compiled)
+
     def value_fn(self, case: Case) -> MemoValue:
         """The memoized value function of one case (tokenized once)."""
+        if self.max_executables is not None and self.executables > self.max_executables:
+            for fn in self._compiled:
+                fn.clear_cache()
         prompt = self.prompt(case)
         return MemoValue(functools.partial(self.values, prompt), prompt.n)
 
