@@ -5,9 +5,10 @@ The child runs the estimator twice on fresh memos. The first run compiles every 
 in memory: that is not what the budget bounds); the second, after `malloc_trim` and a reset of the peak
 (`/proc/self/clear_refs`), measures the KV cache and activations the calls hold at once. Today's game
 (3e097ad, no budget: every tree level keeps ~390 rows of 1,232 slots) grew by 613 MiB in that
-second run; under `max_cache_bytes` = 64 MiB it grew by 168-222 MiB (the process peaks
-at 2.6-3.5x the plan's estimate on this model: the allocator's retention across XLA's threads and its
-temporaries), so the bound is 5x the budget: 320 MiB, half of what today's tree takes.
+second run, this tree's game without a budget by 684 MiB; under `max_cache_bytes` = 64 MiB it grew by
+168-271 MiB over the versions of this change (the process peaks at 2.6-4.2x the plan's estimate on this
+small model: the allocator's retention across XLA's threads and its temporaries), so the bound is 6x the
+budget: 384 MiB, well under what the unbudgeted tree takes.
 """
 
 import json
@@ -51,7 +52,7 @@ print(json.dumps({"base_kb": base, "peak_kb": rss_kb("VmHWM"), "n_evals": n_eval
                   "prompt_tokens": sum(len(ids) for ids in game.prompt(case).facts)}))
 """
 BUDGET = 64 * 2**20
-BOUND = 5 * BUDGET
+BOUND = 6 * BUDGET
 
 
 def run_child(budget: int | None, root: str | None = None) -> dict:
