@@ -5,10 +5,10 @@ model of the forwards): the header is computed once; a level [a, b) computes the
 once per distinct path above it; the leaves, one per coalition, add the last run of facts and the question.
 Every node keeps a cache row of the whole row's slots (`TreePlan.slots`: one shape for all the forwards of a
 call, so few compiled executables, which stay in memory), so K coalitions of n facts keep about K·n keys
-and values per layer. `plan_groups` bounds it: when the plan
-of all coalitions would take more than `max_bytes` (`MemoryModel`), the coalitions are sorted (so that a
-group keeps its shared prefixes) and halved until every group's plan fits; each group runs on its own.
-The plan types are frozen: the game only reads them.
+and values per layer. `plan_groups` bounds it: when the plan of all coalitions would take more than
+`max_bytes` (`MemoryModel`), the coalitions are sorted (so that a group keeps its shared prefixes) and
+halved until every group's plan fits; each group runs on its own. The plan types are frozen: the game only
+reads them.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class Level:
     def cache_rows(self) -> int:
         """Rows of this level's cache array (every chunk padded)."""
         return sum(c.rows for c in self.chunks)
-
 
 
 @dataclasses.dataclass(frozen=True)
