@@ -281,9 +281,9 @@ def plan_groups(
     All coalitions in one plan when it fits (or `max_bytes` is None), as without a budget. Otherwise they
     are sorted lexicographically, so that a group's coalitions share their leading facts, and halved (at
     multiples of `batch_size`) until each group fits; a group of at most `batch_size` coalitions whose tree
-    does not fit takes the flat layout (the least memory: the header and its own chunk). A forward may take
-    a quarter of the budget (wider chunks are computed in steps); the rest bounds the cache. Raises
-    ConfigError when even one group of `batch_size` coalitions does not fit.
+    does not fit takes the flat layout (the least memory: the header and its own chunks), in chunks halved
+    down to `min_batch` rows until it fits. A forward may take a quarter of the budget (wider chunks are
+    computed in steps); the rest bounds the cache. Raises ConfigError when even `min_batch` rows do not fit.
     """
     forward = None if max_bytes is None else max_bytes // 4
     options = {"share_facts": share_facts, "tail_slots": tail_slots, "memory": memory, "max_forward_bytes": forward}
@@ -295,15 +295,18 @@ def plan_groups(
         rows = pending.pop()
         plan = plan_tree(prompt, coalitions[rows], batching, **options)
         small = len(rows) <= batching.batch_size
-        if small and memory.plan_bytes(plan, tail_slots) > max_bytes:
-            plan = plan_tree(prompt, coalitions[rows], batching, **{**options, "share_facts": False})
+        narrow = batching
+        while small and memory.plan_bytes(plan, tail_slots) > max_bytes and narrow.batch_size > narrow.min_batch:
+            if plan.levels[0].b == prompt.n:  # already flat: fewer rows per forward
+                narrow = dataclasses.replace(narrow, batch_size=max(narrow.min_batch, narrow.batch_size // 2))
+            plan = plan_tree(prompt, coalitions[rows], narrow, **{**options, "share_facts": False})
         need = memory.plan_bytes(plan, tail_slots)
         if need <= max_bytes:
             groups.append((rows, plan))
         elif small:
             raise ConfigError(
-                f"shapley.max_cache_bytes={max_bytes}: one forward of {len(rows)} coalitions of a {prompt.n}-fact "
-                f"prompt ({plan.slots} slots) needs about {need} bytes; raise it or lower shapley.batch_size"
+                f"shapley.max_cache_bytes={max_bytes}: one forward of {narrow.batch_size} coalitions of a "
+                f"{prompt.n}-fact prompt ({plan.slots} slots) needs about {need} bytes; raise it"
             )
         else:
             half = len(rows) // 2
