@@ -290,3 +290,15 @@ def test_compiled_executables_are_bounded_between_cases(model, tokenizer):
     count = kept.executables
     kept.value_fn(ZH_CASE)
     assert kept.executables == count > 1
+
+
+def test_budget_narrows_the_forwards_of_long_prompts(game, model, tokenizer):
+    prompt = game.prompt(LONG_CASE)
+    coalitions = np.random.default_rng(2).random((16, 12)) < 0.5  # one chunk of 16 rows, unbudgeted
+    flat = plan_lib.plan_tree(prompt, coalitions, game.batching, share_facts=False, tail_slots=8)
+    budget = flat.peak_cache_slots * game.memory.kv_slot_bytes * 9 // 10  # below the cache of 16 flat rows
+    narrow = game_lib.CoalitionGame(model, tokenizer, batch_size=16, share_facts=False, max_cache_bytes=budget)
+    groups = narrow.plans(prompt, coalitions)
+    rows = {chunk.rows for _, tree in groups for level in tree.levels for chunk in level.chunks}
+    assert max(rows) < 16 and all(narrow.memory.plan_bytes(tree, 8) <= budget for _, tree in groups)
+    np.testing.assert_allclose(narrow.values(prompt, coalitions), game.values(prompt, coalitions), atol=1e-5, rtol=0)
