@@ -200,7 +200,7 @@ class CoalitionGame:
         share_facts: bool = True,
         call_cost: float = 32.0,
         max_cache_bytes: int | None = None,
-        max_executables: int | None = 64,
+        max_executables: int | None = 24,
     ):
         if max_cache_bytes is not None and max_cache_bytes <= 0:
             raise ConfigError(f"shapley.max_cache_bytes={max_cache_bytes}: must be positive")
