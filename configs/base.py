@@ -119,6 +119,11 @@ def shapley_config() -> ml_collections.ConfigDict:
     c.max_case_coalitions = 4096
     c.max_case_tokens = 4_000_000
     c.batch_size = 16  # coalitions per forward (at most; chunks round up to powers of two); 16 pads least on CPU
+    # KV cache + activations of one game call, in bytes (promed_jax.shapley.plan.MemoryModel): the coalitions
+    # are cut into groups whose prefix trees fit. SmolLM2's process takes ~2.2 GB before the game (fp32 weights,
+    # runtime, compiled executables, which grow with the shapes met) and peaks at ~1.5x the estimate above that:
+    # at 2 GiB a 9-fact exact game peaked at 5.1 GB, so 1 GiB leaves room under 6 GB at any n up to 48.
+    c.max_cache_bytes = 2**30
     c.seed = 0
     c.plot = False  # write a per-case bar chart of fact weights
     return c

@@ -18,16 +18,24 @@ from our times and reported apart; the load average is printed because the machi
 
     python experiments/bench_shapley.py --cases 8         # the real run (about 20 min on 2 idle cores)
     python experiments/bench_shapley.py --quick           # 2 five-fact cases, a smoke test
+    python experiments/bench_shapley.py --ab 3e097ad --cases 3 --reps 5   # per-coalition cost: that commit's game vs ours
+
+`--ab COMMIT` times only the game: all 2^n coalitions (exact enumeration, the default up to n = 10) of each
+case through COMMIT's `CoalitionGame` and this tree's (with the default `shapley.max_cache_bytes`), warm,
+alternating which goes first, `--reps` times each, in one process; it prints the median ms per coalition.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -43,7 +51,8 @@ from promed_jax.shapley import estimators as est
 from promed_jax.shapley.game import CoalitionGame, ValuePrompt, coalition_ids
 from promed_jax.text.tokenizer import load_tokenizer
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "medqa_dev_convo.jsonl"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "medqa_dev_convo.jsonl"
 # key: (label, estimator, budget per fact or None): the methods of (b), in table order.
 OURS = {
     "exact": ("exact", "exact", None),
@@ -98,8 +107,6 @@ def load_models(random_weights: pathlib.Path | None):
     """(our model, tokenizer, the torch model on the fastest device): SmolLM2-135M-Instruct from its GGUF,
     or, with `random_weights` (a folder with SmolLM2's config.json and tokenizer; for a machine without the
     GGUF), random weights of that shape, exported to torch through a Hugging Face folder."""
-    import tempfile
-
     import torch
     from flax import nnx
     from transformers import AutoModelForCausalLM
@@ -173,6 +180,53 @@ def run_ours(game: CoalitionGame, prompt: ValuePrompt, name: str, per_fact, seed
     return phi, n_evals, runs[1], runs[0]
 
 
+def old_game_class(commit: str) -> type:
+    """`CoalitionGame` of `commit`'s promed_jax/shapley/game.py, loaded beside this tree's (for A/B runs)."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:promed_jax/shapley/game.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    path = pathlib.Path(tempfile.mkdtemp()) / f"game_at_{commit}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.CoalitionGame
+
+
+def ab_run(args: argparse.Namespace) -> None:
+    """Median ms per coalition of COMMIT's game and ours on all 2^n coalitions, alternating, warm."""
+    from configs import base
+
+    path = assets.smollm2_gguf_path()
+    model, tokenizer = load_gguf(path), load_tokenizer(path)
+    model.materialize_head()
+    sizes = {"batch_size": args.batch_size, "min_batch": args.min_batch}
+    budget = base.shapley_config().max_cache_bytes
+    games = {
+        args.ab: old_game_class(args.ab)(model, tokenizer, **sizes),
+        "ours": CoalitionGame(model, tokenizer, max_cache_bytes=budget, **sizes),
+    }
+    ratios = []
+    for case in pick_cases(args.data, args.cases, args.min_facts, args.max_facts):
+        prompt, coalitions = games["ours"].prompt(case), est.all_coalitions(case.n_facts)
+        for game in games.values():
+            game.values(prompt, coalitions)  # compile and run once: warm
+        ms: dict[str, list[float]] = {name: [] for name in games}
+        for rep in range(args.reps):
+            for name in list(games)[:: 1 if rep % 2 == 0 else -1]:
+                _, seconds = timed(games[name].values, prompt, coalitions)
+                ms[name].append(1000 * seconds / len(coalitions))
+        old, ours = (statistics.median(ms[name]) for name in games)
+        ratios.append(ours / old)
+        print(
+            f"{case.id} n={case.n_facts} ({len(coalitions)} coalitions): {args.ab} {old:.1f} ms, ours {ours:.1f} ms "
+            f"per coalition (medians of {args.reps}; ours / old = {ours / old:.3f}); load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    print(f"median ours / {args.ab} over {len(ratios)} cases: {statistics.median(ratios):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=8)
@@ -189,7 +243,12 @@ def main() -> None:
         type=pathlib.Path,
         help="a folder with SmolLM2's config.json and tokenizer: random weights of that shape (no GGUF needed)",
     )
+    parser.add_argument("--ab", metavar="COMMIT", help="A/B: COMMIT's game against ours, per coalition (see above)")
+    parser.add_argument("--reps", type=int, default=5, help="--ab: alternating timed runs per game and case")
     args = parser.parse_args()
+    if args.ab:
+        ab_run(args)
+        return
     if args.quick:
         args.cases, args.min_facts, args.max_facts = 2, 5, 5
     if args.max_facts > 10:

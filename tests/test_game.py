@@ -10,11 +10,14 @@ from flax import nnx
 
 from promed_jax import assets
 from promed_jax.data.cases import Case, load_cases
+from promed_jax.errors import ConfigError
 from promed_jax.models.checkpoints import load_gguf
 from promed_jax.models.config import ModelConfig
 from promed_jax.models.transformer import Transformer, causal_mask
 from promed_jax.shapley import estimators as est
 from promed_jax.shapley import game as game_lib
+from promed_jax.shapley import layout
+from promed_jax.shapley import plan as plan_lib
 from promed_jax.sharding import make_mesh
 from promed_jax.text import prompts
 from promed_jax.text.tokenizer import build_tiny_tokenizer, load_tokenizer
@@ -73,10 +76,10 @@ def _log_probs(graphdef, params, tokens, valid):
     return jax.nn.log_softmax(logits[0], axis=-1)
 
 
-def separate_value(model, prompt: game_lib.ValuePrompt, coalition) -> float:
+def separate_value(model, prompt: layout.ValuePrompt, coalition) -> float:
     """v(S) from the coalition's own prompt, built and scored alone at batch 1 (the definition)."""
-    ids, start = game_lib.coalition_ids(prompt, coalition)
-    slots = game_lib.length_bucket(ids.size, minimum=128)  # one compilation for many prompt lengths
+    ids, start = layout.coalition_ids(prompt, coalition)
+    slots = layout.length_bucket(ids.size, minimum=128)  # one compilation for many prompt lengths
     tokens = np.zeros((1, slots), np.int32)
     tokens[0, : ids.size] = ids
     graphdef, params = nnx.split(model)
@@ -85,17 +88,17 @@ def separate_value(model, prompt: game_lib.ValuePrompt, coalition) -> float:
 
 
 def test_pieces_drop_exactly_a_facts_tokens(tokenizer):
-    prompt = game_lib.tokenize_value_prompt(tokenizer, EN_CASE)
-    full, start = game_lib.coalition_ids(prompt, [True] * 5)
+    prompt = layout.tokenize_value_prompt(tokenizer, EN_CASE)
+    full, start = layout.coalition_ids(prompt, [True] * 5)
     header, facts, question, answer = prompts.shapley_value_pieces(
         language="en", facts=EN_CASE.facts, question=EN_CASE.question, answer=EN_CASE.gold_text
     )
     text = tokenizer.decode(full)
     assert text == header + "".join(facts) + question + answer
     assert text.startswith("You are a professional doctor") and text.endswith("answer: myocardial infarction")
-    dropped, _ = game_lib.coalition_ids(prompt, [True, False, True, True, True])
+    dropped, _ = layout.coalition_ids(prompt, [True, False, True, True, True])
     assert dropped.size == full.size - prompt.facts[1].size
-    empty, empty_start = game_lib.coalition_ids(prompt, [False] * 5)
+    empty, empty_start = layout.coalition_ids(prompt, [False] * 5)
     assert tokenizer.decode(empty[:empty_start]).endswith(
         "Patient information:\n\nQuestion: " + EN_CASE.question + "\nanswer:"
     )
@@ -103,19 +106,19 @@ def test_pieces_drop_exactly_a_facts_tokens(tokenizer):
 
 
 def test_chunk_sizes():
-    assert game_lib.chunk_sizes(18, 4, 64) == [16, 2]
-    assert game_lib.chunk_sizes(128, 4, 64) == [64, 64]
-    assert game_lib.chunk_sizes(100, 8, 64) == [64, 32, 4]
-    assert game_lib.chunk_sizes(3, 4, 64) == [3]
-    assert game_lib.chunk_sizes(40, 8, 24) == [16, 16, 8]
-    assert game_lib.chunk_sizes(0, 4, 64) == []
+    assert layout.chunk_sizes(18, 4, 64) == [16, 2]
+    assert layout.chunk_sizes(128, 4, 64) == [64, 64]
+    assert layout.chunk_sizes(100, 8, 64) == [64, 32, 4]
+    assert layout.chunk_sizes(3, 4, 64) == [3]
+    assert layout.chunk_sizes(40, 8, 24) == [16, 16, 8]
+    assert layout.chunk_sizes(0, 4, 64) == []
 
 
 def test_length_buckets_are_few():
-    buckets = {game_lib.length_bucket(n) for n in range(1, 513)}
+    buckets = {layout.length_bucket(n) for n in range(1, 513)}
     assert sorted(buckets) == [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 368, 432, 512]
-    assert all(game_lib.length_bucket(n) <= max(16, 1.2 * n + 16) for n in range(1, 2000))
-    assert all(game_lib.length_bucket(n) >= n for n in range(1, 2000))
+    assert all(layout.length_bucket(n) <= max(16, 1.2 * n + 16) for n in range(1, 2000))
+    assert all(layout.length_bucket(n) >= n for n in range(1, 2000))
 
 
 @pytest.mark.parametrize("case", [EN_CASE, ZH_CASE], ids=["en", "zh"])
@@ -144,22 +147,23 @@ def test_plan_levels_by_hand():
     sizes = {"min_batch": 1, "batch_size": 16}
     # Flat: one forward of 4 rows of 24 slots (the longest row, 20 tokens, rounded up to 8s): 96 + c.
     # Cut after fact 0: the node "fact 0 kept" (16 slots) + c, then 4 leaves of 16 slots + c: 80 + 2c.
-    assert game_lib.level_cost(np.array([1, 10, 10, 20]), call_cost=5, **sizes) == 5 + 4 * 24
-    assert game_lib.level_cost(np.array([0, 10, 0]), call_cost=5, **sizes) == 5 + 16  # empty nodes are copies
-    assert game_lib.plan_levels(lens, everything, call_cost=15, **sizes) == [1, 2]
-    assert game_lib.plan_levels(lens, everything, call_cost=17, **sizes) == [2]
-    assert game_lib.plan_levels(lens, np.ones((1, 2), bool), call_cost=0, **sizes) == [2]  # nothing shared
-    bounds = game_lib.plan_levels(np.array([5] * 6), est.all_coalitions(6), **sizes)  # all coalitions: a tree
+    assert plan_lib.level_cost(np.array([1, 10, 10, 20]), call_cost=5, **sizes) == 5 + 4 * 24
+    assert plan_lib.level_cost(np.array([0, 10, 0]), call_cost=5, **sizes) == 5 + 16  # empty nodes are copies
+    assert plan_lib.plan_levels(lens, everything, call_cost=15, **sizes) == [1, 2]
+    assert plan_lib.plan_levels(lens, everything, call_cost=17, **sizes) == [2]
+    assert plan_lib.plan_levels(lens, np.ones((1, 2), bool), call_cost=0, **sizes) == [2]  # nothing shared
+    bounds = plan_lib.plan_levels(np.array([5] * 6), est.all_coalitions(6), **sizes)  # all coalitions: a tree
     assert len(bounds) >= 3 and bounds[-1] == 6 and bounds == sorted(set(bounds))
 
 
 def test_fact_tree_equals_flat_layout(game, model, tokenizer):
     prompt = game.prompt(EN_CASE)
     coalitions = est.all_coalitions(5)
-    levels = game._plan(prompt, coalitions)
+    [(_, tree)] = game.plans(prompt, coalitions)
+    levels = tree.levels
     assert len(levels) > 2 and len(levels[-1].rows) == 32  # a real tree: shared levels above the leaves
     flat = game_lib.CoalitionGame(model, tokenizer, batch_size=16, share_facts=False)
-    assert len(flat._plan(prompt, coalitions)) == 1
+    assert [len(tree.levels) for _, tree in flat.plans(prompt, coalitions)] == [1]
     np.testing.assert_allclose(game.values(prompt, coalitions), flat.values(prompt, coalitions), atol=1e-4)
     # Any subset, in any order, duplicates included: values follow the rows.
     rows = np.random.default_rng(1).integers(0, 32, size=13)
@@ -205,7 +209,94 @@ def test_smollm2_batched_equals_separate_on_medqa(data_dir, smollm2_gguf):
     rng = np.random.default_rng(0)
     some = rng.random((3, case.n_facts)) < 0.5
     coalitions = np.concatenate([np.zeros((1, case.n_facts), bool), np.ones((1, case.n_facts), bool), some, ~some])
-    assert len(smol_game._plan(prompt, coalitions)) > 1  # the fact tree is exercised, not only the flat layout
+    assert len(smol_game.plans(prompt, coalitions)[0][1].levels) > 1  # the fact tree is exercised, not only the flat layout
     batched = smol_game.values(prompt, coalitions)
     separate = np.array([separate_value(model, prompt, c) for c in coalitions])
     np.testing.assert_allclose(batched, separate, atol=1e-4, rtol=0)
+
+
+LONG_CASE = Case(
+    id="test:long",
+    source="test",
+    language="en",
+    initial_info="A 60 year old woman comes with a cough.",
+    question="What is the most likely diagnosis?",
+    options={"A": "pneumonia", "B": "asthma"},
+    answer=("A",),
+    facts=tuple(f"Finding {i}: the patient reports symptom number {i}." for i in range(12)),
+)
+
+
+def test_memory_model_from_config(model):
+    memory = plan_lib.MemoryModel.of(model.config)
+    assert memory.kv_slot_bytes == 2 * 2 * 2 * 16 * 4  # keys and values x layers x kv heads x head dim x fp32
+    # The flat layout of 5 coalitions: chunks of 4 and 1 (padded to 4) after the header's row; the peak is the
+    # header and one chunk's rows twice (gathered, then written).
+    prompt = layout.tokenize_value_prompt(build_tiny_tokenizer(), EN_CASE)
+    tree = plan_lib.plan_tree(prompt, est.all_coalitions(5)[:5], plan_lib.Batching(4, 16), share_facts=False, tail_slots=8)
+    assert tree.header_slots == layout.length_bucket(prompt.prefix.size)
+    assert tree.peak_cache_slots == tree.header_slots + 2 * 4 * tree.slots
+    assert memory.plan_bytes(tree, 8) > tree.peak_cache_slots * memory.kv_slot_bytes
+    # With the fact tree, every level's rows have the whole row's slots: one shape for the call's forwards.
+    [(_, deep)] = game_lib.CoalitionGame(model, build_tiny_tokenizer()).plans(prompt, est.all_coalitions(5))
+    assert len(deep.levels) > 1 and {level.slots for level in deep.levels} == {deep.slots}
+
+
+def test_budget_cuts_coalitions_into_groups_with_equal_values(tokenizer):
+    # Deeper than the tiny model, so that the KV cache, not one forward's activations, dominates (as with
+    # SmolLM2, whose 30 layers x 3 KV heads keep ~46 kB per slot and row).
+    model = Transformer(ModelConfig.tiny(vocab_size=len(tokenizer), num_layers=6, num_kv_heads=4), rngs=nnx.Rngs(1))
+    game = game_lib.CoalitionGame(model, tokenizer, batch_size=16)
+    prompt = game.prompt(LONG_CASE)
+    coalitions = np.random.default_rng(0).random((104, 12)) < 0.5  # kernel_shap's 8(n+1) at n = 12
+    [(_, whole)] = game.plans(prompt, coalitions)
+    assert len(whole.levels) > 1
+    need = game.memory.plan_bytes(whole, 8)
+    budget = need // 3
+    budgeted = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_cache_bytes=budget)
+    groups = budgeted.plans(prompt, coalitions)
+    assert len(groups) >= 3 and all(budgeted.memory.plan_bytes(tree, 8) <= budget for _, tree in groups)
+    assert sorted(np.concatenate([rows for rows, _ in groups]).tolist()) == list(range(104))
+    values = budgeted.values(prompt, coalitions)
+    np.testing.assert_allclose(values, game.values(prompt, coalitions), atol=1e-5, rtol=0)
+    some = [0, 17, 50, 103]
+    separate = np.array([separate_value(model, prompt, coalitions[k]) for k in some])
+    np.testing.assert_allclose(values[some], separate, atol=1e-4, rtol=0)
+    # A budget the whole tree fits in plans it as without one.
+    roomy = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_cache_bytes=need)
+    assert len(roomy.plans(prompt, coalitions)) == 1
+
+
+def test_budget_below_one_forward_is_a_config_error(model, tokenizer):
+    tight = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_cache_bytes=10_000)
+    with pytest.raises(ConfigError, match=r"^shapley\.max_cache_bytes=10000: one forward of"):
+        tight.values(tight.prompt(EN_CASE), est.all_coalitions(5))
+    with pytest.raises(ConfigError, match=r"shapley\.max_cache_bytes=0"):
+        game_lib.CoalitionGame(model, tokenizer, max_cache_bytes=0)
+
+
+def test_compiled_executables_are_bounded_between_cases(model, tokenizer):
+    bounded = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_executables=1)
+    coalitions = est.all_coalitions(3)
+    first = bounded.value_fn(ZH_CASE)(coalitions)
+    assert bounded.executables > 1
+    again = bounded.value_fn(ZH_CASE)  # a new case starts: past the bound, the compiled functions go
+    assert bounded.executables == 0
+    np.testing.assert_allclose(again(coalitions), first, atol=1e-6)
+    kept = game_lib.CoalitionGame(model, tokenizer, batch_size=16, max_executables=None)
+    kept.value_fn(ZH_CASE)(coalitions)
+    count = kept.executables
+    kept.value_fn(ZH_CASE)
+    assert kept.executables == count > 1
+
+
+def test_budget_narrows_the_forwards_of_long_prompts(game, model, tokenizer):
+    prompt = game.prompt(LONG_CASE)
+    coalitions = np.random.default_rng(2).random((16, 12)) < 0.5  # one chunk of 16 rows, unbudgeted
+    flat = plan_lib.plan_tree(prompt, coalitions, game.batching, share_facts=False, tail_slots=8)
+    budget = flat.peak_cache_slots * game.memory.kv_slot_bytes * 9 // 10  # below the cache of 16 flat rows
+    narrow = game_lib.CoalitionGame(model, tokenizer, batch_size=16, share_facts=False, max_cache_bytes=budget)
+    groups = narrow.plans(prompt, coalitions)
+    rows = {chunk.rows for _, tree in groups for level in tree.levels for chunk in level.chunks}
+    assert max(rows) < 16 and all(narrow.memory.plan_bytes(tree, 8) <= budget for _, tree in groups)
+    np.testing.assert_allclose(narrow.values(prompt, coalitions), game.values(prompt, coalitions), atol=1e-5, rtol=0)

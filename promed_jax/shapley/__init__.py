@@ -10,7 +10,8 @@ from promed_jax.shapley.estimators import (
     permutation,
     tmc,
 )
-from promed_jax.shapley.game import CoalitionGame, ValuePrompt, coalition_ids, tokenize_value_prompt
+from promed_jax.shapley.game import CoalitionGame
+from promed_jax.shapley.layout import ValuePrompt, coalition_ids, tokenize_value_prompt
 from promed_jax.shapley.sig import Sig, exact_coverage, exact_sig, paper_coverage, sig_from_coverage
 from promed_jax.shapley.weights import shapley_weights
 

@@ -1,11 +1,11 @@
-"""The Shapley value game: v(S) for many coalitions of one case's facts in one jitted call (promed.md §2).
+"""The Shapley value game: v(S) for many coalitions of one case's facts in few jitted calls (promed.md §2).
 
 v(S) is the mean log-probability of the gold answer tokens after the raw value prompt that lists only the
-facts of S (teacher forcing). The prompt is tokenized once, piece by piece (`ValuePrompt`); a coalition's
-prompt is the concatenation of its pieces, so dropping a fact drops exactly its tokens (`coalition_ids` is
-the definition, one prompt at a time).
+facts of S (teacher forcing). The prompt is tokenized once, piece by piece (`layout.ValuePrompt`); a
+coalition's prompt is the concatenation of its pieces, so dropping a fact drops exactly its tokens
+(`coalition_ids` is the definition, one prompt at a time).
 
-Batched layout of one coalition row, in cache slots (a prefix tree over the facts, `plan_levels`):
+Batched layout of one coalition row, in cache slots (a prefix tree over the facts, `plan.plan_levels`):
 
     [ header: P ] [ level 1: kept facts of [0, b1) ] ... [ leaf: kept facts of [b_m-1, n) + question[:-1] ] [ tail: A ]
 
@@ -14,17 +14,13 @@ distinct path above it (coalitions that agree on facts [0, b) share that node's 
 leaves, one per coalition, add the last run of facts, the question and the tail question[-1] + answer[:-1],
 whose logits score the answer. Dropped facts' tokens are gathered out rather than masked (less compute),
 positions count only kept tokens, and each row's mask sees only its own path, so every row sees exactly
-its own prompt. Only the tail's logits are computed. Nodes are sorted by length and cut into chunks of
-power-of-two sizes whose widths are rounded up to a few buckets, so a dataset compiles a handful of times.
-The split points minimize the tokens computed for the coalitions of each call; with all 2^n coalitions
-each coalition computes about one fact, the question and the tail instead of half of all facts.
+its own prompt. Only the tail's logits are computed. The plan (`plan.py`) cuts each level into chunks of
+few shapes and, under a memory budget, the coalitions into groups whose trees fit; this module runs it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,97 +29,21 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from promed_jax.data.cases import Case
+from promed_jax.errors import ConfigError
 from promed_jax.models.transformer import KVCache, init_cache
 from promed_jax.shapley.estimators import MemoValue
-from promed_jax.text import prompts
+from promed_jax.shapley.layout import (
+    ValuePrompt,
+    answer_tail,
+    chunk_sizes,
+    coalition_ids,
+    kept_facts,
+    length_bucket,
+    tokenize_value_prompt,
+)
+from promed_jax.shapley.plan import Batching, MemoryModel, TreePlan, plan_groups
 
-
-@dataclasses.dataclass(frozen=True)
-class ValuePrompt:
-    """One case's value prompt, tokenized piece by piece.
-
-    Attributes:
-      prefix: int32[P]; the tokenizer's leading special tokens and the header (shared by every coalition).
-      facts: n arrays int32[L_i]; each fact with its separator.
-      question: int32[Q], Q ≥ 1; the question and the answer cue.
-      answer: int32[A], A ≥ 1; the gold answer text (the teacher-forced targets).
-    """
-
-    prefix: np.ndarray
-    facts: tuple[np.ndarray, ...]
-    question: np.ndarray
-    answer: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return len(self.facts)
-
-
-def leading_special_ids(tokenizer) -> list[int]:
-    """Tokens the tokenizer puts before any text (a BOS for Llama-3; nothing for ChatML tokenizers)."""
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x", add_special_tokens=True)["input_ids"]
-    end = len(full) - len(plain)
-    if end < 0 or full[end:][: len(plain)] != plain:
-        return []
-    return list(full[:end])
-
-
-def tokenize_value_prompt(tokenizer, case: Case) -> ValuePrompt:
-    """Tokenizes the pieces of `prompts.shapley_value_pieces` separately (raises naming the case if empty)."""
-    header, facts, question, answer = prompts.shapley_value_pieces(
-        language=case.language, facts=case.facts, question=case.question, answer=case.gold_text
-    )
-
-    def ids(text: str) -> np.ndarray:
-        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
-
-    prompt = ValuePrompt(
-        prefix=np.concatenate([np.asarray(leading_special_ids(tokenizer), np.int32), ids(header)]),
-        facts=tuple(ids(f) for f in facts),
-        question=ids(question),
-        answer=ids(answer),
-    )
-    if prompt.answer.size == 0:
-        raise ValueError(f"case {case.id}: field answer: the gold option text {case.gold_text!r} is empty")
-    if any(f.size == 0 for f in prompt.facts):
-        raise ValueError(f"case {case.id}: field facts: a fact tokenizes to nothing")
-    return prompt
-
-
-def kept_facts(prompt: ValuePrompt, coalition: Sequence[bool]) -> list[np.ndarray]:
-    """The token ids of the coalition's facts, in their original order."""
-    return [f for f, keep in zip(prompt.facts, coalition, strict=True) if keep]
-
-
-def coalition_ids(prompt: ValuePrompt, coalition: Sequence[bool]) -> tuple[np.ndarray, int]:
-    """The definition of a coalition's prompt: (token ids int32[T], index of the first answer token)."""
-    context = np.concatenate([prompt.prefix, *kept_facts(prompt, coalition), prompt.question])
-    return np.concatenate([context, prompt.answer]), context.size
-
-
-def length_bucket(length: int, minimum: int = 16) -> int:
-    """Rounds up to 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ... (steps of about 2^(1/4),
-    multiples of 16): at most ~19% padding, for about twice the compiled shapes of √2 steps."""
-    bucket = minimum
-    k = 0
-    while bucket < length:
-        k += 1
-        bucket = int(-(-minimum * 2 ** (k / 4) // 16) * 16)
-    return bucket
-
-
-def chunk_sizes(k: int, min_batch: int, batch_size: int) -> list[int]:
-    """Splits K rows into chunks of min_batch·2^j rows (at most batch_size), largest first, so that padding
-    to those shapes wastes little (18 rows: 16 + 2, not 32); only a last chunk under min_batch is padded."""
-    sizes = []
-    while k > 0:
-        size = min_batch
-        while size * 2 <= min(k, batch_size):
-            size *= 2
-        sizes.append(min(size, k))
-        k -= sizes[-1]
-    return sizes
+__all__ = ["CoalitionGame", "ValuePrompt", "coalition_ids", "tokenize_value_prompt"]
 
 
 def _layout(prefix_len: int, body_len: jax.Array, body_slots: int, tail_slots: int):
@@ -179,9 +99,15 @@ def _header_cache(graphdef, params, prefix: jax.Array, *, slots: int) -> KVCache
     return cache
 
 
-def _gather_rows(cache: KVCache, rows: jax.Array) -> KVCache:
-    """The cache rows `rows` int32[R] of a level's nodes (a parent may have several children)."""
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+def _gather_rows(cache: KVCache, rows: jax.Array, *, slots: int) -> KVCache:
+    """The parents' rows `rows` int32[R] for a level's nodes (a parent may have several children), padded
+    with empty slots to the level's `slots`: KVCache [B, S] -> [R, slots]."""
+
+    def gather(x: jax.Array) -> jax.Array:
+        x = jnp.take(x, rows, axis=0)
+        return jnp.pad(x, ((0, 0), (0, slots - x.shape[1]), (0, 0), (0, 0)))
+
+    return jax.tree.map(gather, cache)
 
 
 def _extend(graphdef, params, cache: KVCache, tokens, positions, key_valid, start) -> KVCache:
@@ -225,85 +151,6 @@ def _scores_without_reuse(graphdef, params, prefix, body, body_len, tail, target
     return _answer_logprob(logits[:, p + lb :], targets, valid)
 
 
-def segment_bucket(length: int) -> int:
-    """Slots for a segment of `length` new tokens: a multiple of 8 up to 64 (fact runs and leaves are short,
-    and padding them costs as much as computing them), `length_bucket` above."""
-    return -(-max(length, 1) // 8) * 8 if length <= 64 else length_bucket(length)
-
-
-def padded_rows(k: int, min_batch: int, batch_size: int) -> int:
-    """Rows a chunk of k rows is padded to: min_batch·2^j, at most batch_size (few compiled shapes)."""
-    k_pad = min_batch
-    while k_pad < k:
-        k_pad *= 2
-    return min(k_pad, batch_size)
-
-
-def chunk_nodes(lengths: np.ndarray, *, min_batch: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
-    """How the game cuts a level's nodes into forwards: the nodes with new tokens (length > 0) sorted by
-    length, in chunks of `chunk_sizes`; each chunk is (node indices, slots written = its longest, rounded up)."""
-    order = np.argsort(lengths, kind="stable")
-    order = order[lengths[order] > 0]
-    chunks, at = [], 0
-    for size in chunk_sizes(len(order), min_batch, batch_size):
-        nodes = order[at : at + size]
-        chunks.append((nodes, segment_bucket(int(lengths[nodes[-1]]))))
-        at += size
-    return chunks
-
-
-def level_cost(lengths: np.ndarray, *, min_batch: int, batch_size: int, call_cost: float) -> float:
-    """Slots one level's forwards compute, padded as the game pads them (`chunk_nodes`, rows rounded up by
-    `padded_rows`), plus `call_cost` per forward for its fixed cost; nodes of length 0 are free copies."""
-    return sum(
-        call_cost + padded_rows(len(nodes), min_batch, batch_size) * width
-        for nodes, width in chunk_nodes(lengths, min_batch=min_batch, batch_size=batch_size)
-    )
-
-
-def plan_levels(
-    fact_lens: np.ndarray,
-    coalitions: np.ndarray,
-    *,
-    leaf_tokens: int = 0,
-    min_batch: int = 1,
-    batch_size: int = 16,
-    call_cost: float = 32.0,
-) -> list[int]:
-    """Where to cut the fact list into the levels of a prefix tree, for these coalitions.
-
-    A level [a, b) has one node per distinct restriction of the coalitions to facts [0, b) whose facts in
-    [a, b) are not all dropped (those copy their parent); a node computes the kept tokens of [a, b) once for
-    all the coalitions below it. The leaves (b = n) are the coalitions, each also computing `leaf_tokens`
-    more (the question). Returns boundaries 0 < b_1 < ... < b_m = n minimizing `level_cost` summed over the
-    levels: a shortest path over the boundaries. [n] alone is the flat layout, each coalition computing all
-    its kept facts. `call_cost` is a forward's fixed cost in slots (on 2 CPU cores about 30: ~50 ms).
-    """
-    n = coalitions.shape[1]
-    if n == 0:
-        return [0]
-    sizes = {"min_batch": min_batch, "batch_size": batch_size, "call_cost": call_cost}
-    lens = np.asarray(fact_lens, dtype=np.int64)
-    best = np.full(n + 1, np.inf)
-    best[0] = 0.0
-    previous = np.zeros(n + 1, dtype=np.int64)
-    for b in range(1, n + 1):
-        nodes = coalitions[:, :b] if b == n else np.unique(coalitions[:, :b], axis=0)
-        # tokens of every node over [a, b) for all a at once: suffix sums of the kept lengths
-        suffix = np.cumsum((nodes * lens[:b])[:, ::-1], axis=1)[:, ::-1]  # [U, b]: column a = tokens in [a, b)
-        for a in range(b):
-            lengths = suffix[:, a]
-            if b == n:  # a leaf adds the question and always runs (it scores the answer), as in _chunk_level
-                lengths = np.maximum(lengths + leaf_tokens, 1)
-            total = best[a] + level_cost(lengths, **sizes)
-            if total < best[b]:
-                best[b], previous[b] = total, a
-    bounds = [n]
-    while bounds[-1] > 0 and previous[bounds[-1]] > 0:
-        bounds.append(int(previous[bounds[-1]]))
-    return bounds[::-1]
-
-
 def _placed_on(params, mesh: Mesh) -> bool:
     """Whether every array already lives on `mesh` (a model loaded under its logical shardings)."""
     return all(
@@ -313,30 +160,10 @@ def _placed_on(params, mesh: Mesh) -> bool:
     )
 
 
-@dataclasses.dataclass
-class _Level:
-    """One level of the fact tree, facts [a, b), planned on the host; U nodes.
-
-    parent: int[U], each node's row in the previous level's cache array (0: the header); rows: bool[U, b],
-    each node's restriction of the coalitions to facts [0, b) (the leaf level: the coalitions themselves);
-    tokens: the new token ids of each node (its kept facts of [a, b); the leaves add question[:-1]);
-    start: the first cache slot this level writes; chunks: (node indices, slots written) per forward.
-    """
-
-    a: int
-    b: int
-    parent: np.ndarray
-    rows: np.ndarray
-    tokens: list[np.ndarray]
-    start: int
-    width: int = 0  # slots this level's chunks may write (the largest segment bucket)
-    chunks: list[tuple[np.ndarray, int]] = dataclasses.field(default_factory=list)
-
-
 class CoalitionGame:
     """Batched coalition values of one frozen model: `game.value_fn(case)(bool[K, n]) -> float32[K]`.
 
-    The coalitions of a call share computation through a prefix tree over the facts (`plan_levels`): the
+    The coalitions of a call share computation through a prefix tree over the facts (`plan.plan_tree`): the
     header is computed once at [1, P]; each level computes the kept tokens of a run of facts once per
     distinct path above it, and the leaves (one per coalition) compute only their last run of facts, the
     question and the answer. Each row's positions count only its kept tokens and its attention mask sees
@@ -350,10 +177,15 @@ class CoalitionGame:
       mesh: optional; the coalition axis is sharded over its `data` axis; weights not yet on the mesh are
         replicated over it (a model loaded with `load_model(..., mesh=mesh)` keeps its own shardings).
       reuse_prefix: compute the header once and share fact prefixes (True), or compute every row's whole
-        prompt in one cache-free forward (False; the reference the tests compare against).
+        prompt in one cache-free forward (False; the reference the tests compare against, unbudgeted).
       share_facts: with `reuse_prefix`, share fact prefixes between coalitions through the tree (True) or
         compute each coalition's kept facts itself (False: the flat layout).
-      call_cost: a forward's fixed cost in token slots, for planning the tree (`plan_levels`).
+      call_cost: a forward's fixed cost in token slots, for planning the tree (`plan.plan_levels`).
+      max_cache_bytes: the most bytes of KV cache and activations a call may hold (`plan.MemoryModel`, whole
+        mesh); the coalitions are cut into groups that fit (`plan.plan_groups`). None: no bound.
+      max_executables: compiled executables stay in memory (about 28 MB each for SmolLM2 on CPU) and each new
+        shape adds one; when a new case starts (`value_fn`) with more than this many, the game's compiled
+        functions are dropped (shapes met again recompile). None: keep them all.
     """
 
     def __init__(
@@ -367,32 +199,57 @@ class CoalitionGame:
         reuse_prefix: bool = True,
         share_facts: bool = True,
         call_cost: float = 32.0,
+        max_cache_bytes: int | None = None,
+        max_executables: int | None = 24,
     ):
+        if max_cache_bytes is not None and max_cache_bytes <= 0:
+            raise ConfigError(f"shapley.max_cache_bytes={max_cache_bytes}: must be positive")
         self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.mesh = mesh
         self.reuse_prefix = reuse_prefix
         self.share_facts = share_facts
-        self.call_cost = call_cost
+        self.max_cache_bytes = max_cache_bytes
+        self.max_executables = max_executables
+        self.memory = MemoryModel.of(model.config)
         data = 1 if mesh is None else mesh.shape["data"]
-        self.min_batch = -(-max(min_batch, data) // data) * data
-        self.batch_size = max(self.min_batch, -(-batch_size // data) * data)
+        min_batch = -(-max(min_batch, data) // data) * data
+        self.batching = Batching(
+            min_batch=min_batch, batch_size=max(min_batch, -(-batch_size // data) * data), call_cost=call_cost
+        )
         graphdef, params = nnx.split(model)
         if mesh is not None and not _placed_on(params, mesh):
             params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.params = params
         self._header_fn = jax.jit(functools.partial(_header_cache, graphdef), static_argnames="slots")
-        self._gather_fn = jax.jit(_gather_rows)
+        self._gather_fn = jax.jit(_gather_rows, static_argnames="slots")
         self._extend_fn = jax.jit(functools.partial(_extend, graphdef), donate_argnums=1)
         self._leaf_fn = jax.jit(functools.partial(_leaf_scores, graphdef))
         self._plain_fn = jax.jit(functools.partial(_scores_without_reuse, graphdef))
+        self._compiled = (self._header_fn, self._gather_fn, self._extend_fn, self._leaf_fn, self._plain_fn)
         self._header_memo: dict[tuple[bytes, int], KVCache] = {}
+
+    @property
+    def min_batch(self) -> int:
+        return self.batching.min_batch
+
+    @property
+    def batch_size(self) -> int:
+        return self.batching.batch_size
 
     def prompt(self, case: Case) -> ValuePrompt:
         return tokenize_value_prompt(self.tokenizer, case)
 
+    @property
+    def executables(self) -> int:
+        """Compiled executables the game holds now."""
+        return sum(fn._cache_size() for fn in self._compiled)
+
     def value_fn(self, case: Case) -> MemoValue:
         """The memoized value function of one case (tokenized once)."""
+        if self.max_executables is not None and self.executables > self.max_executables:
+            for fn in self._compiled:
+                fn.clear_cache()
         prompt = self.prompt(case)
         return MemoValue(functools.partial(self.values, prompt), prompt.n)
 
@@ -405,79 +262,48 @@ class CoalitionGame:
             return np.zeros(0, np.float32)
         if not self.reuse_prefix:
             return self._values_without_reuse(prompt, coalitions)
-        return self._values_tree(prompt, coalitions)
+        out = np.empty(len(coalitions), np.float32)
+        for rows, plan in self.plans(prompt, coalitions):
+            out[rows] = self._run_tree(prompt, plan)
+        return out
+
+    def plans(self, prompt: ValuePrompt, coalitions: np.ndarray) -> list[tuple[np.ndarray, TreePlan]]:
+        """(coalition indices, their tree) of each group a call of `values` runs (`plan.plan_groups`)."""
+        return plan_groups(
+            prompt,
+            coalitions,
+            self.batching,
+            share_facts=self.share_facts,
+            tail_slots=answer_tail(prompt, self.pad_id)[0].size,
+            memory=self.memory,
+            max_bytes=self.max_cache_bytes,
+        )
 
     # -- the prefix tree -------------------------------------------------------------------------------------
 
-    def _padded(self, k: int) -> int:
-        return padded_rows(k, self.min_batch, self.batch_size)
-
-    def _plan(self, prompt: ValuePrompt, coalitions: np.ndarray) -> list[_Level]:
-        n = prompt.n
-        fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
-        bounds = [n]
-        if self.share_facts:
-            bounds = plan_levels(
-                fact_lens,
-                coalitions,
-                leaf_tokens=prompt.question.size - 1,
-                min_batch=self.min_batch,
-                batch_size=self.batch_size,
-                call_cost=self.call_cost,
-            )
-        levels, start = [], prompt.prefix.size
-        index = {b"": 0}  # row of each node of the previous level, keyed by its restriction's bytes
-        for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
-            rows = coalitions if b == n else np.unique(coalitions[:, :b], axis=0)
-            no_tokens = np.zeros(0, np.int32)
-            tokens = [np.concatenate([no_tokens, *(prompt.facts[i] for i in range(a, b) if r[i])]) for r in rows]
-            if b == n:
-                tokens = [np.concatenate([t, prompt.question[:-1]]) for t in tokens]
-            parent = np.array([index[r[:a].tobytes()] for r in rows], dtype=np.int32)
-            level = _Level(a=a, b=b, parent=parent, rows=rows, tokens=tokens, start=start)
-            self._chunk_level(level, leaf=b == n)
-            levels.append(level)
-            index, offset = {}, 0
-            for nodes, _ in level.chunks:
-                index.update((rows[node].tobytes(), offset + j) for j, node in enumerate(nodes))
-                offset += self._padded(len(nodes))
-            start += level.width
-        return levels
-
-    def _chunk_level(self, level: _Level, *, leaf: bool) -> None:
-        """Cuts a level's nodes into chunks (`chunk_nodes`); above the leaves, nodes with no new tokens (all
-        facts of the level dropped) go in chunks of width 0: copies of their parents. Every leaf runs: it
-        scores the answer."""
-        lengths = np.array([t.size for t in level.tokens])
-        if leaf:
-            lengths = np.maximum(lengths, 1)
-        empty = np.flatnonzero(lengths == 0)
-        level.chunks = [(empty[at : at + self.batch_size], 0) for at in range(0, len(empty), self.batch_size)]
-        level.chunks += chunk_nodes(lengths, min_batch=self.min_batch, batch_size=self.batch_size)
-        level.width = max((width for _, width in level.chunks), default=0)
-
-    def _values_tree(self, prompt: ValuePrompt, coalitions: np.ndarray) -> np.ndarray:
-        levels = self._plan(prompt, coalitions)
-        tail, targets, valid = self._tail(prompt)
-        p, leaf = prompt.prefix.size, levels[-1]
-        slots = length_bucket(leaf.start + leaf.width + tail.size)
-        fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
-        cache = self._header(prompt, slots)
-        out = np.empty(len(coalitions), np.float32)
+    def _run_tree(self, prompt: ValuePrompt, plan: TreePlan) -> np.ndarray:
+        """float32[K]: the values of the plan's leaves, in their order."""
+        tail, targets, valid = answer_tail(prompt, self.pad_id)
+        p, levels = prompt.prefix.size, plan.levels
+        leaf = levels[-1]
+        fact_lens = prompt.fact_lens
+        cache = self._header(prompt, plan.header_slots)
+        out = np.empty(len(leaf.rows), np.float32)
         for depth, level in enumerate(levels):
             pieces = []
-            for nodes, width in level.chunks:
-                k, k_pad = len(nodes), self._padded(len(nodes))
+            for chunk in level.chunks:
+                nodes, width, k_pad = chunk.nodes, chunk.width, chunk.rows
+                k = len(nodes)
                 parent = np.zeros(k_pad, np.int32)
                 parent[:k] = level.parent[nodes]
-                rows_cache = self._gather_fn(cache, parent)
+                rows_cache = self._gather_fn(cache, parent, slots=level.slots)
                 if self.mesh is not None:
                     rows_cache = jax.device_put(rows_cache, NamedSharding(self.mesh, PartitionSpec("data")))
                 if width == 0:
                     pieces.append(rows_cache)
                     continue
                 tokens = np.full((k_pad, width), self.pad_id, np.int32)
-                key_valid = np.zeros((k_pad, slots), bool)
+                key_valid = np.zeros((k_pad, level.slots), bool)
                 key_valid[:, :p] = True
                 lengths = np.full(k_pad, p, np.int64)  # tokens before this level's, per row
                 for j, node in enumerate(nodes):
@@ -489,21 +315,33 @@ class CoalitionGame:
                         lengths[j] += kept
                     key_valid[j, level.start : level.start + ids.size] = True
                 positions = (lengths[:, None] + np.arange(width)[None, :]).astype(np.int32)
-                args = (self._shard(tokens), self._shard(positions))
-                if level is not leaf:
-                    pieces.append(
-                        self._extend_fn(self.params, rows_cache, *args, self._shard(key_valid), np.int32(level.start))
+                if level is leaf:
+                    key_valid[:, level.start + width : level.start + width + tail.size] = True
+                key_valid_rows = self._shard(key_valid)
+                # All steps but the leaves' last write their tokens' keys and values; the last one scores.
+                last = width if level is not leaf else width - ((width - 1) % chunk.step + 1)
+                for at in range(0, last, chunk.step):
+                    end = min(at + chunk.step, last)
+                    rows_cache = self._extend_fn(
+                        self.params,
+                        rows_cache,
+                        self._shard(tokens[:, at:end]),
+                        self._shard(positions[:, at:end]),
+                        key_valid_rows,
+                        np.int32(level.start + at),
                     )
+                if level is not leaf:
+                    pieces.append(rows_cache)
                     continue
-                key_valid[:, level.start + width : level.start + width + tail.size] = True
+                args = (self._shard(tokens[:, last:]), self._shard(positions[:, last:]))
                 lengths += np.array([level.tokens[node].size for node in nodes] + [0] * (k_pad - k))
                 tail_positions = (lengths[:, None] + np.arange(tail.size)[None, :]).astype(np.int32)
                 scores = self._leaf_fn(
                     self.params,
                     rows_cache,
                     *args,
-                    self._shard(key_valid),
-                    np.int32(level.start),
+                    key_valid_rows,
+                    np.int32(level.start + last),
                     tail,
                     self._shard(tail_positions),
                     targets,
@@ -511,6 +349,7 @@ class CoalitionGame:
                 )
                 out[nodes] = np.asarray(scores)[:k]
             if level is not leaf:
+                del cache  # the previous level's rows: freed before the concatenation doubles this level's
                 cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *pieces)
         return out
 
@@ -526,16 +365,15 @@ class CoalitionGame:
     # -- no reuse: each row's whole prompt in one forward (the reference) --------------------------------------
 
     def _values_without_reuse(self, prompt: ValuePrompt, coalitions: np.ndarray) -> np.ndarray:
-        fact_lens = np.array([f.size for f in prompt.facts], dtype=np.int64)
-        body_lens = coalitions @ fact_lens + prompt.question.size - 1
+        body_lens = coalitions @ prompt.fact_lens + prompt.question.size - 1
         order = np.argsort(body_lens, kind="stable")
-        tail, targets, valid = self._tail(prompt)
+        tail, targets, valid = answer_tail(prompt, self.pad_id)
         out = np.empty(len(coalitions), np.float32)
         start = 0
         for size in chunk_sizes(len(coalitions), self.min_batch, self.batch_size):
             rows = order[start : start + size]
             start += size
-            k, k_pad = len(rows), self._padded(len(rows))
+            k, k_pad = len(rows), self.batching.padded(len(rows))
             body = np.full((k_pad, length_bucket(int(body_lens[rows].max()))), self.pad_id, np.int32)
             for j, keep in enumerate(coalitions[rows]):
                 ids = np.concatenate([*kept_facts(prompt, keep), prompt.question[:-1]])
@@ -547,15 +385,6 @@ class CoalitionGame:
             )
             out[rows] = np.asarray(scores)[:k]
         return out
-
-    def _tail(self, prompt: ValuePrompt):
-        a = prompt.answer.size
-        slots = -(-a // 8) * 8
-        tail = np.full(slots, self.pad_id, np.int32)
-        tail[:a] = np.concatenate([prompt.question[-1:], prompt.answer[:-1]])
-        targets = np.zeros(slots, np.int32)
-        targets[:a] = prompt.answer
-        return tail, targets, np.arange(slots) < a
 
     def _shard(self, x: np.ndarray) -> jax.Array | np.ndarray:
         if self.mesh is None:

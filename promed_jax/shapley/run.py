@@ -154,7 +154,13 @@ def _make_game(config) -> CoalitionGame:
         mesh = make_mesh(config.mesh.shape, config.mesh.axis_names)
     model, tokenizer = load_model(config.model, mesh=mesh)
     model.materialize_head()
-    return CoalitionGame(model, tokenizer, batch_size=config.shapley.batch_size, mesh=mesh)
+    return CoalitionGame(
+        model,
+        tokenizer,
+        batch_size=config.shapley.batch_size,
+        mesh=mesh,
+        max_cache_bytes=config.shapley.max_cache_bytes,
+    )
 
 
 def run(config, workdir: str) -> dict[str, pathlib.Path]:
