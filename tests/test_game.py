@@ -257,7 +257,9 @@ def test_budget_cuts_coalitions_into_groups_with_equal_values(tokenizer):
     groups = budgeted.plans(prompt, coalitions)
     assert len(groups) >= 3 and all(budgeted.memory.plan_bytes(tree, 8) <= budget for _, tree in groups)
     assert sorted(np.concatenate([rows for rows, _ in groups]).tolist()) == list(range(104))
-    values = budgeted.values(prompt, coalitions)
+    done = []  # progress within one call: one report per group, adding up to the call's coalitions
+    values = budgeted.values(prompt, coalitions, progress=done.append)
+    assert done == [len(rows) for rows, _ in groups]
     np.testing.assert_allclose(values, game.values(prompt, coalitions), atol=1e-5, rtol=0)
     some = [0, 17, 50, 103]
     separate = np.array([separate_value(model, prompt, coalitions[k]) for k in some])

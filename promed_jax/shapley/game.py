@@ -21,6 +21,7 @@ few shapes and, under a memory budget, the coalitions into groups whose trees fi
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -245,26 +246,33 @@ class CoalitionGame:
         """Compiled executables the game holds now."""
         return sum(fn._cache_size() for fn in self._compiled)
 
-    def value_fn(self, case: Case) -> MemoValue:
-        """The memoized value function of one case (tokenized once)."""
+    def value_fn(self, case: Case, progress: Callable[[int], object] | None = None) -> MemoValue:
+        """The memoized value function of one case (tokenized once); `progress(k)` after each k coalitions."""
         if self.max_executables is not None and self.executables > self.max_executables:
             for fn in self._compiled:
                 fn.clear_cache()
         prompt = self.prompt(case)
-        return MemoValue(functools.partial(self.values, prompt), prompt.n)
+        return MemoValue(functools.partial(self.values, prompt, progress=progress), prompt.n)
 
-    def values(self, prompt: ValuePrompt, coalitions: np.ndarray) -> np.ndarray:
-        """bool[K, n] -> float32[K]: v of each coalition, in order."""
+    def values(
+        self, prompt: ValuePrompt, coalitions: np.ndarray, progress: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """bool[K, n] -> float32[K]: v of each coalition, in order; `progress(k)` after each group of k."""
         coalitions = np.asarray(coalitions, dtype=bool)
         if coalitions.ndim != 2 or coalitions.shape[1] != prompt.n:
             raise ValueError(f"coalitions must be bool[K, {prompt.n}], got shape {coalitions.shape}")
         if len(coalitions) == 0:
             return np.zeros(0, np.float32)
         if not self.reuse_prefix:
-            return self._values_without_reuse(prompt, coalitions)
+            out = self._values_without_reuse(prompt, coalitions)
+            if progress is not None:
+                progress(len(coalitions))
+            return out
         out = np.empty(len(coalitions), np.float32)
         for rows, plan in self.plans(prompt, coalitions):
             out[rows] = self._run_tree(prompt, plan)
+            if progress is not None:
+                progress(len(rows))
         return out
 
     def plans(self, prompt: ValuePrompt, coalitions: np.ndarray) -> list[tuple[np.ndarray, TreePlan]]:

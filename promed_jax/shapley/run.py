@@ -32,7 +32,8 @@ from promed_jax.models.loader import load_model
 from promed_jax.shapley import cache as cache_lib
 from promed_jax.shapley import estimators
 from promed_jax.shapley.estimators import MemoValue, choose_estimator
-from promed_jax.shapley.game import CoalitionGame, ValuePrompt
+from promed_jax.shapley.game import CoalitionGame
+from promed_jax.shapley.layout import ValuePrompt
 from promed_jax.shapley.weights import shapley_weights
 from promed_jax.sharding import make_mesh
 from promed_jax.text.prompts import SHAPLEY_PROMPT_VERSION
@@ -209,7 +210,10 @@ def _run(config, workdir: str) -> dict[str, pathlib.Path]:
                 plan = plan_case(case.id, case.n_facts, prompt_tokens(prompt), shapley)
                 if plan.warning:
                     logging.warning("%s", plan.warning)
-                phi, n_evals = estimate_case(game.value_fn(case), plan, case_seed(shapley.seed, case.id))
+                # a bar within the case (coalitions, up to the plan's bound), so a long case shows progress
+                with tqdm(total=plan.coalitions, desc=case.id, unit="coalition", leave=False) as bar:
+                    value_fn = game.value_fn(case, progress=bar.update)
+                    phi, n_evals = estimate_case(value_fn, plan, case_seed(shapley.seed, case.id))
                 record = cache_lib.ShapleyRecord(
                     id=case.id,
                     fingerprint=case.fingerprint,
