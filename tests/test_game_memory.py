@@ -43,12 +43,13 @@ case = Case(id="test:48", source="test", language="en", initial_info="A patient.
 options = {} if budget is None else {"max_cache_bytes": budget}
 game = CoalitionGame(model, tokenizer, batch_size=16, **options)
 shapley = shapley_config.get_config().shapley
-run_lib.estimate_case(game.value_fn(case), 48, shapley, seed=0)  # compiles every shape
+plan = run_lib.plan_case(case.id, 48, run_lib.prompt_tokens(game.prompt(case)), shapley)
+run_lib.estimate_case(game.value_fn(case), plan, seed=0)  # compiles every shape
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 base = rss_kb("VmRSS")
-phi, n_evals, name = run_lib.estimate_case(game.value_fn(case), 48, shapley, seed=0)
-print(json.dumps({"base_kb": base, "peak_kb": rss_kb("VmHWM"), "n_evals": n_evals, "estimator": name,
+phi, n_evals = run_lib.estimate_case(game.value_fn(case), plan, seed=0)
+print(json.dumps({"base_kb": base, "peak_kb": rss_kb("VmHWM"), "n_evals": n_evals, "estimator": plan.name,
                   "prompt_tokens": sum(len(ids) for ids in game.prompt(case).facts)}))
 """
 BUDGET = 64 * 2**20
