@@ -240,19 +240,7 @@ def test_tmc_stopping_rules_and_batch_independence():
     assert capped < 30 + 2 * 7
 
 
-class Asking(est.MemoValue):
-    """A memo that also counts the rows asked for: tmc asks ∅ and F once, then one row per prefix it walks."""
-
-    def __init__(self, fn, n):
-        super().__init__(fn, n)
-        self.asked = 0
-
-    def __call__(self, coalitions):
-        self.asked += len(coalitions)
-        return super().__call__(coalitions)
-
-
-def walked(memo: Asking, n: int) -> int:
+def walked(memo: est.MemoValue, n: int) -> int:
     """Permutations tmc walked to the end (no truncation): ∅ and F, then n prefixes each."""
     assert (memo.asked - 2) % n == 0, memo.asked
     return (memo.asked - 2) // n
@@ -274,12 +262,12 @@ def test_tmc_truncation():
     # same prefix does not stop, and every permutation walks to F (Σφ = 1).
     table = np.array([0.0, 0.75, 0.75, 3.0, 0.75, 3.0, 3.0, 1.0])
     options = {**TMC, "min_permutations": 6, "max_permutations": 6, "convergence_tol": 0.0}
-    memo = Asking(table_game(table), 3)
+    memo = est.MemoValue(table_game(table), 3)
     phi, n_evals = est.tmc(memo, 3, **{**options, "truncation_tol": 0.5})
     assert phi.sum() == pytest.approx(0.75, abs=1e-12)
     np.testing.assert_allclose(phi * 6 / 0.75, np.round(phi * 6 / 0.75), atol=1e-9)  # whole first places
     assert memo.asked == 2 + 6 and n_evals <= 2 + 3
-    memo = Asking(table_game(table), 3)
+    memo = est.MemoValue(table_game(table), 3)
     phi, n_evals = est.tmc(memo, 3, **{**options, "truncation_tol": 0.25})
     assert phi.sum() == pytest.approx(1.0, abs=1e-12)
     assert walked(memo, 3) == 6 and n_evals > 2 + 3
@@ -292,7 +280,7 @@ def test_tmc_convergence_stop():
     # over facts, not the largest or the total change: 0.4 is below max |a| = 0.5 and Σ|a| = 0.75.
     a = [0.5, 0.25]
     for tol, expected in [(0.4, 1), (0.375, 2), (0.0, 50)]:
-        memo = Asking(additive_game(a), 2)
+        memo = est.MemoValue(additive_game(a), 2)
         phi, _ = est.tmc(memo, 2, **TMC, max_permutations=50, convergence_tol=tol)
         assert walked(memo, 2) == expected, tol
         np.testing.assert_allclose(phi, a, atol=1e-12)
@@ -301,7 +289,7 @@ def test_tmc_convergence_stop():
 def test_tmc_min_permutations():
     # With a tolerance every change is below, sampling stops at the first permutation it may: min_permutations.
     for minimum in (1, 5):
-        memo = Asking(additive_game([0.5, 0.25, 1.0]), 3)
+        memo = est.MemoValue(additive_game([0.5, 0.25, 1.0]), 3)
         est.tmc(memo, 3, **{**TMC, "min_permutations": minimum}, max_permutations=50, convergence_tol=10.0)
         assert walked(memo, 3) == minimum
 
@@ -310,7 +298,7 @@ def test_tmc_max_permutations():
     # Never converged (tolerance 0): exactly max_permutations, also when min_permutations asks for more.
     table = random_table(4, 12)
     for minimum, maximum in [(1, 7), (10, 4)]:
-        memo = Asking(table_game(table), 4)
+        memo = est.MemoValue(table_game(table), 4)
         est.tmc(memo, 4, **{**TMC, "min_permutations": minimum}, max_permutations=maximum, convergence_tol=0.0)
         assert walked(memo, 4) == maximum
 
@@ -319,7 +307,7 @@ def test_tmc_budget():
     # n = 2, one permutation at a time: the first permutation asks ∅, F and one single fact, 3 distinct
     # coalitions, so a budget of 3 (or 2) stops after it, checked at the end of the batch.
     for budget in (2, 3):
-        memo = Asking(additive_game([0.5, 0.25]), 2)
+        memo = est.MemoValue(additive_game([0.5, 0.25]), 2)
         _, n_evals = est.tmc(memo, 2, **TMC, max_permutations=50, convergence_tol=0.0, budget=budget)
         assert walked(memo, 2) == 1 and n_evals == 3
 
@@ -329,10 +317,10 @@ def test_tmc_budget_counts_this_runs_coalitions():
     # this run asks for, not the memo's, so tmc walks as far as on a fresh memo and gives the same φ.
     table = random_table(3, 13)
     options = {**TMC, "max_permutations": 30, "convergence_tol": 0.0, "budget": 8}
-    fresh = Asking(table_game(table), 3)
+    fresh = est.MemoValue(table_game(table), 3)
     phi, n_evals = est.tmc(fresh, 3, **options)
     assert n_evals == 8 and 1 < walked(fresh, 3) < 30  # one permutation reaches 4 coalitions
-    shared = Asking(table_game(table), 3)
+    shared = est.MemoValue(table_game(table), 3)
     est.exact(shared, 3)
     shared.asked = 0
     phi_shared, n_shared = est.tmc(shared, 3, **options)

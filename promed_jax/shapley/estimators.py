@@ -37,11 +37,13 @@ class MemoValue:
 
     Each call forwards only the coalitions it has not seen (deduplicated, in first-seen order) to the
     wrapped function in one batch, so an estimator can ask for overlapping batches without paying twice.
+    `asked` counts every row asked for, repeats included (what a memo-less implementation would forward).
     """
 
     def __init__(self, fn: ValueFn, n: int):
         self.fn = fn
         self.n = n
+        self.asked = 0
         self._values: dict[bytes, float] = {}
 
     @property
@@ -52,6 +54,7 @@ class MemoValue:
         coalitions = np.asarray(coalitions, dtype=bool)
         if coalitions.ndim != 2 or coalitions.shape[1] != self.n:
             raise ValueError(f"coalitions must be bool[K, {self.n}], got shape {coalitions.shape}")
+        self.asked += len(coalitions)
         keys = coalition_keys(coalitions)
         missing: dict[bytes, int] = {}
         for row, k in enumerate(keys):
