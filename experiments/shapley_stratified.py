@@ -25,6 +25,9 @@ import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # configs/ is not an installed package (as in experiments/sweep.py)
 
 import numpy as np
 
@@ -90,14 +93,12 @@ def run_cases(cases: list[Case], out: pathlib.Path, config) -> None:
         reset_peak_rss()
         compiled = clock.seconds
         start = time.perf_counter()
-        _phi, n_evals, name = run_lib.estimate_case(
-            game.value_fn(case), case.n_facts, config.shapley, run_lib.case_seed(config.shapley.seed, case.id)
-        )
+        _phi, n_evals, plan = run_lib.shapley_values(game, case, config.shapley)
         wall = time.perf_counter() - start
         row = {
             "id": case.id,
             "n": case.n_facts,
-            "estimator": name,
+            "estimator": plan.name,
             "coalitions": n_evals,
             "wall_s": round(wall, 3),
             "compile_s": round(clock.seconds - compiled, 3),

@@ -43,7 +43,7 @@ case = Case(id="test:48", source="test", language="en", initial_info="A patient.
 options = {} if budget is None else {"max_cache_bytes": budget}
 game = CoalitionGame(model, tokenizer, batch_size=16, **options)
 shapley = shapley_config.get_config().shapley
-plan = run_lib.plan_case(case.id, 48, run_lib.prompt_tokens(game.prompt(case)), shapley)
+plan = run_lib.plan_case(case.id, 48, game.prompt(case).length, shapley)
 run_lib.estimate_case(game.value_fn(case), plan, seed=0)  # compiles every shape
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS

@@ -246,12 +246,15 @@ class CoalitionGame:
         """Compiled executables the game holds now."""
         return sum(fn._cache_size() for fn in self._compiled)
 
-    def value_fn(self, case: Case, progress: Callable[[int], object] | None = None) -> MemoValue:
-        """The memoized value function of one case (tokenized once); `progress(k)` after each k coalitions."""
+    def value_fn(
+        self, case: Case, progress: Callable[[int], object] | None = None, *, prompt: ValuePrompt | None = None
+    ) -> MemoValue:
+        """The memoized value function of one case, tokenized once (`prompt`: its `self.prompt(case)` if the
+        caller has it already); `progress(k)` after each k coalitions."""
         if self.max_executables is not None and self.executables > self.max_executables:
             for fn in self._compiled:
                 fn.clear_cache()
-        prompt = self.prompt(case)
+        prompt = self.prompt(case) if prompt is None else prompt
         return MemoValue(functools.partial(self.values, prompt, progress=progress), prompt.n)
 
     def values(

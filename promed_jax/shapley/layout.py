@@ -43,6 +43,11 @@ class ValuePrompt:
         """int64[n]: tokens of each fact."""
         return np.array([f.size for f in self.facts], dtype=np.int64)
 
+    @property
+    def length(self) -> int:
+        """Tokens of the prompt with every fact: the longest coalition's."""
+        return self.prefix.size + int(self.fact_lens.sum()) + self.question.size + self.answer.size
+
 
 def leading_special_ids(tokenizer) -> list[int]:
     """Tokens the tokenizer puts before any text (a BOS for Llama-3; nothing for ChatML tokenizers)."""

@@ -33,7 +33,6 @@ from promed_jax.shapley import cache as cache_lib
 from promed_jax.shapley import estimators
 from promed_jax.shapley.estimators import MemoValue, choose_estimator
 from promed_jax.shapley.game import CoalitionGame
-from promed_jax.shapley.layout import ValuePrompt
 from promed_jax.shapley.weights import shapley_weights
 from promed_jax.sharding import make_mesh
 from promed_jax.text.prompts import SHAPLEY_PROMPT_VERSION
@@ -63,11 +62,6 @@ def estimator_options(name: str, shapley: Mapping[str, Any], n: int) -> dict[str
 def case_seed(seed: int, case_id: str) -> int:
     """A per-case seed that does not depend on which cases ran before (so a resumed run is identical)."""
     return zlib.crc32(f"{seed}:{case_id}".encode())
-
-
-def prompt_tokens(prompt: ValuePrompt) -> int:
-    """Tokens of the value prompt with every fact: the longest coalition's."""
-    return prompt.prefix.size + sum(f.size for f in prompt.facts) + prompt.question.size + prompt.answer.size
 
 
 def most_coalitions(name: str, n: int, options: Mapping[str, Any]) -> int:
@@ -125,6 +119,23 @@ def plan_case(case_id: str, n: int, prompt_tokens: int, shapley: Mapping[str, An
 def estimate_case(value_fn: MemoValue, plan: CasePlan, seed: int) -> tuple[np.ndarray, int]:
     """(φ float64[n], distinct coalitions evaluated) of one case by its plan."""
     return registry.get(estimators.KIND, plan.name)(value_fn, value_fn.n, key=seed, **plan.options)
+
+
+def shapley_values(
+    game: CoalitionGame, case: Case, shapley: Mapping[str, Any], bar: tqdm | None = None
+) -> tuple[np.ndarray, int, CasePlan]:
+    """(φ float64[n], distinct coalitions evaluated, the plan) of one case: tokenized once, planned within the
+    per-case caps (a capped plan's warning is logged), estimated with the case's own seed. `bar` counts the
+    coalitions as they are computed, up to the plan's bound."""
+    prompt = game.prompt(case)
+    plan = plan_case(case.id, case.n_facts, prompt.length, shapley)
+    if plan.warning:
+        logging.warning("%s", plan.warning)
+    if bar is not None:
+        bar.reset(total=plan.coalitions)
+    value_fn = game.value_fn(case, None if bar is None else bar.update, prompt=prompt)
+    phi, n_evals = estimate_case(value_fn, plan, case_seed(shapley["seed"], case.id))
+    return phi, n_evals, plan
 
 
 def plot_weights(case: Case, record: cache_lib.ShapleyRecord, path: pathlib.Path) -> None:
@@ -206,14 +217,9 @@ def _run(config, workdir: str) -> dict[str, pathlib.Path]:
             continue
         with JsonlWriter(path) as writer:
             for case in tqdm(todo, desc=f"shapley {source}", unit="case"):
-                prompt = game.prompt(case)
-                plan = plan_case(case.id, case.n_facts, prompt_tokens(prompt), shapley)
-                if plan.warning:
-                    logging.warning("%s", plan.warning)
-                # a bar within the case (coalitions, up to the plan's bound), so a long case shows progress
-                with tqdm(total=plan.coalitions, desc=case.id, unit="coalition", leave=False) as bar:
-                    value_fn = game.value_fn(case, progress=bar.update)
-                    phi, n_evals = estimate_case(value_fn, plan, case_seed(shapley.seed, case.id))
+                # a bar within the case counts its coalitions, so a long case shows progress
+                with tqdm(desc=case.id, unit="coalition", leave=False) as bar:
+                    phi, n_evals, plan = shapley_values(game, case, shapley, bar)
                 record = cache_lib.ShapleyRecord(
                     id=case.id,
                     fingerprint=case.fingerprint,
