@@ -10,7 +10,7 @@ table per bucket and extrapolates the whole file from the buckets' mean warm tim
 weighted by the file's n distribution, plus the compilation seen once.
 
     nice -n 10 python experiments/shapley_stratified.py --out /tmp/strat.jsonl           # the 60 cases
-    nice -n 10 python experiments/shapley_stratified.py --out /tmp/big.jsonl --ids medqa:1113        # one case
+    nice -n 10 python experiments/shapley_stratified.py --out /tmp/big.jsonl --ids medqa_dev_convo:1113  # one case
 """
 
 from __future__ import annotations
