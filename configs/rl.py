@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def sweep(add) -> None:
     """The paper's ablations (promed.md §4)."""
     add(**{"grpo.reward": "distributed", "shapley.weighting": "shapley"})
-    add(**{"grpo.reward": "trajectory"})
+    add(**{"grpo.reward": "trajectory", "grpo.advantage": "group_std"})  # with GRPO's mean/std advantages
     add(**{"shapley.weighting": "uniform"})
     add(**{"grpo.reward": "no_distribution"})
+    add(**{"grpo.reward": "outcome_only"})  # no SIG at all: correctness and format only

@@ -269,3 +269,15 @@ def test_gradient_through_a_linear_policy_matches_finite_differences():
             return total / denom
 
         _fd_check(f, w0)
+
+
+def test_configs_from_the_grpo_section():
+    from configs import base
+
+    grpo = base.get_config().grpo
+    assert RewardConfig.from_config(grpo) == RewardConfig()  # the paper's values
+    assert LossConfig.from_config(grpo) == LossConfig()
+    assert LossConfig.from_config(grpo).eps_high == 0.1  # clip_eps_high = 0: the same as clip_eps
+    grpo.clip_eps_high, grpo.kl_estimator, grpo.loss_aggregation = 0.28, "none", "token_mean"
+    config = LossConfig.from_config(grpo)
+    assert (config.eps_high, config.kl_estimator, config.aggregation) == (0.28, "none", "token_mean")

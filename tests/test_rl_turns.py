@@ -11,7 +11,7 @@ from promed_jax.consult.patients import FactSelectPatient
 from promed_jax.consult.rollout import Dialogue, consult, to_rollout
 from promed_jax.data import synthetic
 from promed_jax.data.cases import Case
-from promed_jax.errors import DataError
+from promed_jax.errors import CacheError, DataError
 from promed_jax.rl import ANSWER, OTHER, QUESTION, RewardConfig, distributed, paper_coverages, turn_arrays
 from promed_jax.shapley.sig import exact_sig
 from promed_jax.text.tokenizer import build_tiny_tokenizer
@@ -180,6 +180,8 @@ def test_exact_mode_needs_a_patient_that_reports_facts():
     rollout = to_rollout([llm], build_tiny_tokenizer(), pad_to_multiple=16)
     with pytest.raises(DataError, match="case t:en: the patient did not say which facts"):
         turn_arrays(rollout, WEIGHTS)
+    with pytest.raises(CacheError, match="no fact weights for case t:en"):
+        turn_arrays(rollout, {})
 
 
 def test_a_consultation_gives_the_sig_of_its_revealed_facts():
