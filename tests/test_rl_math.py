@@ -199,6 +199,21 @@ def test_the_log_ratio_clamp_stops_exponentials_and_their_gradient():
         policy_loss(logps, old, None, adv, mask, config=LossConfig())
 
 
+def test_kl_is_measured_without_its_penalty_and_padding_rows_change_nothing():
+    total, _, metrics = _loss(kl_beta=0.0, aggregation="token_mean")
+    assert total == pytest.approx(sum(PG.values()), rel=1e-6)
+    assert metrics["kl"] == pytest.approx(sum(K3.values()) / 4, rel=1e-5)
+
+    def pad(x):
+        return np.concatenate([x, np.zeros_like(x[:1])])
+
+    for aggregation in ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"):
+        loss = jax.jit(functools.partial(policy_loss, config=LossConfig(aggregation=aggregation)))
+        total, denom, _ = loss(LOGPS, OLD, REF, ADV, MASK)
+        padded, padded_denom, _ = loss(*map(pad, (LOGPS, OLD, REF, ADV, MASK)))
+        assert (float(padded), float(padded_denom)) == (pytest.approx(float(total)), float(denom))
+
+
 # --- gradients against central finite differences (float64) --------------------------------------------
 
 
