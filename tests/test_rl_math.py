@@ -214,6 +214,22 @@ def test_kl_is_measured_without_its_penalty_and_padding_rows_change_nothing():
         assert (float(padded), float(padded_denom)) == (pytest.approx(float(total)), float(denom))
 
 
+def test_values_off_the_mask_reach_neither_the_loss_nor_its_gradient():
+    junk = ~MASK
+    dirty = [np.where(junk, bad, x) for x, bad in ((LOGPS, -np.inf), (OLD, np.nan), (REF, np.inf), (ADV, np.nan))]
+
+    def f(logps, old, ref, adv):
+        total, denom, _ = policy_loss(logps, old, ref, adv, MASK, config=LossConfig())
+        return total / denom
+
+    value_and_grad = jax.jit(jax.value_and_grad(f))
+    clean, clean_grad = value_and_grad(LOGPS, OLD, REF, ADV)
+    value, grad = value_and_grad(*dirty)
+    assert float(value) == pytest.approx(float(clean))
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(clean_grad))
+    assert not np.asarray(grad)[junk].any()
+
+
 # --- gradients against central finite differences (float64) --------------------------------------------
 
 

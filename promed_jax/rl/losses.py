@@ -166,13 +166,18 @@ def policy_loss(
     if use_kl:
         chex.assert_equal_shape([logps, ref_logps])
     c = config.log_ratio_clamp
-    old_logps = jax.lax.stop_gradient(old_logps)
-    advantages = jax.lax.stop_gradient(advantages).astype(logps.dtype)
+    # Off the mask the inputs may hold anything (-inf, NaN): zeroed first, so neither the loss nor its
+    # gradient can pick it up.
+    logps = jnp.where(mask, logps, 0.0)
+    old_logps = jax.lax.stop_gradient(jnp.where(mask, old_logps, 0.0))
+    advantages = jax.lax.stop_gradient(jnp.where(mask, advantages, 0.0)).astype(logps.dtype)
+    if use_kl:
+        ref_logps = jax.lax.stop_gradient(jnp.where(mask, ref_logps, 0.0))
     ratio = jnp.exp(jnp.clip(logps - old_logps, -c, c))
     low, high = 1.0 - config.clip_eps, 1.0 + config.eps_high
     pg = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, low, high))
     kl_fn: Callable = registry.get(KL_KIND, config.kl_estimator if use_kl else "none")
-    kl = kl_fn(logps, jax.lax.stop_gradient(ref_logps) if use_kl else None, clamp=c)
+    kl = kl_fn(logps, ref_logps if use_kl else None, clamp=c)
     aggregate = registry.get(AGGREGATION_KIND, config.aggregation)
     total, denom = aggregate(pg + config.kl_beta * kl, mask, config=config)
 
