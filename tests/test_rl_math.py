@@ -216,7 +216,7 @@ def test_kl_is_measured_without_its_penalty_and_padding_rows_change_nothing():
 
 def test_values_off_the_mask_reach_neither_the_loss_nor_its_gradient():
     junk = ~MASK
-    dirty = [np.where(junk, bad, x) for x, bad in ((LOGPS, -np.inf), (OLD, np.nan), (REF, np.inf), (ADV, np.nan))]
+    dirty = [np.where(junk, bad, x) for x, bad in ((LOGPS, np.nan), (OLD, -np.inf), (REF, np.nan), (ADV, np.inf))]
 
     def f(logps, old, ref, adv):
         total, denom, _ = policy_loss(logps, old, ref, adv, MASK, config=LossConfig())
