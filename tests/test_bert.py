@@ -38,7 +38,9 @@ def folder():
 
 @pytest.fixture(scope="module")
 def encoder(folder):
-    return bert.SentenceEncoder(folder)
+    from promed_jax.consult import retrieval
+
+    return retrieval.sentence_encoder()  # the process's encoder, shared with the semantic patient's tests
 
 
 def test_matches_torch_bert_mean_pooled(folder, encoder):
