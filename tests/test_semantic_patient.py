@@ -173,3 +173,16 @@ def test_evaluation_keeps_patients_apart(tmp_path):
     evaluate._check_compatible(path, done, model="m", patient="fact_select")
     with pytest.raises(CacheError, match="'patient': 'fact_select'.*'patient': 'semantic'"):
         evaluate._check_compatible(path, done, model="m", patient="semantic")
+
+
+def test_family_questions_reach_only_facts_about_relatives(patient):
+    import dataclasses
+
+    case = dataclasses.replace(
+        synthetic.make_cases(1)[0],
+        facts=("He was diagnosed with colorectal cancer.", "His father had a stroke at 60.", "He has a cough."),
+    )
+    ask = lambda q: patient.reply([PT.PatientRequest(case=case, question=q)])[0].facts
+    assert ask("Any family history of colon cancer?") in ((), (1,))
+    assert ask("Have you been told you have bowel cancer?")[0] == 0
+    assert ask("Has anyone in your family had a stroke?") == (1,)

@@ -181,7 +181,7 @@ def load_encoder(folder: str | pathlib.Path) -> BertEncoder:
 # --- batched, jitted encoding ------------------------------------------------------------------------
 
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
-BATCH_BUCKETS = (8, 32, 128)
+BATCH_BUCKETS = (8, 32, 64, 128)
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
