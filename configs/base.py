@@ -69,13 +69,26 @@ def consult_config() -> ml_collections.ConfigDict:
 
 def patient_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.kind = "fact_select"  # 'fact_select' (offline, verbatim facts) | 'llm' (our model) | 'openai'
+    # 'semantic' (offline, verbatim facts, understands paraphrase; falls back to fact_select with a warning
+    # where all-MiniLM-L6-v2 is not installed) | 'fact_select' (offline, lexical) | 'llm' (our model) | 'openai'
+    c.kind = "semantic"
     c.temperature = 0.7  # paper: the patient simulator samples at 0.7
     c.max_tokens = 256
     # fact_select: a fact answers a question when it holds this IDF-weighted share of the question's content
-    # words; at most max_facts facts are returned, best first.
+    # words; at most max_facts facts are returned, best first (semantic too).
     c.threshold = 0.5
     c.max_facts = 2
+    # semantic (promed_jax/consult/retrieval.py): a fact's score is cos + contrast_weight * (cos - mean cos
+    # of the case's facts) - hub_weight * hub + lexical_weight * bm25 / (bm25 + 1); facts scoring at least
+    # semantic_threshold are returned, a later one only within margin of the best. Chinese cases (no
+    # encoder) are scored bm25 / (bm25 + 1) over character bigrams against zh_threshold. Chosen on
+    # tests/data/natural_questions_tune.jsonl only (experiments/patient_questions.py tune).
+    c.contrast_weight = 1.0
+    c.hub_weight = 1.0
+    c.lexical_weight = 0.8
+    c.semantic_threshold = 0.42
+    c.margin = 0.1
+    c.zh_threshold = 0.5
     return c
 
 

