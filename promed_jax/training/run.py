@@ -134,7 +134,10 @@ class Trainer:
         loss = make_sft_loss(int(sft["vocab_chunk"]))
         self.state = state_lib.place_state(state_lib.init_state(params, frozen, tx, self.seed), mesh)
         self.step_fn = state_lib.compile_step(
-            state_lib.make_train_step(loss, graphdef, tx, self.schedule), self.state, mesh, self.batch_size
+            state_lib.make_train_step(loss, graphdef, tx, self.schedule),
+            self.state,
+            mesh,
+            self.batch_size // self.microbatches,
         )
         eval_gd = state_lib.eval_graphdef(graphdef, params, frozen, lora=lora)
         self.eval_fn = jax.jit(state_lib.make_eval_step(loss, eval_gd))
