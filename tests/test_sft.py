@@ -283,3 +283,21 @@ def test_a_tiny_model_learns_its_trained_turns_and_greedy_decoding_replays_them(
         turns = [k for k, m in enumerate(r["messages"]) if m["role"] == "assistant"]
         replies = doctor.chat([r["messages"][:k] for k in turns], max_tokens=64, temperature=0.0)
         assert replies == [r["messages"][k]["content"] for k in turns]
+
+
+def test_sft_config_errors_are_one_line():
+    from configs import sft as sft_config
+    from promed_jax import config_check
+    from promed_jax.errors import ConfigError
+
+    config = sft_config.get_config()
+    config.sft.grad_accum = 3
+    with pytest.raises(ConfigError, match=r"^config sft.batch_size must be a multiple of sft.grad_accum=3, got 8$"):
+        config_check.check_sft(config.sft)
+    config = sft_config.get_config()
+    config.sft.source = "files"
+    with pytest.raises(ConfigError, match="sft.source='files' needs sft.dialogues"):
+        config_check.check_sft(config.sft)
+    config.sft.dialogues = ("/no/such.jsonl",)
+    with pytest.raises(ConfigError, match="config sft.dialogues: no such file '/no/such.jsonl'"):
+        config_check.check_sft(config.sft)
