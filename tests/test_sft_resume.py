@@ -32,11 +32,11 @@ ARGS = (
 STEPS = 6  # 6 dialogues / 2 per batch x 2 epochs
 
 
-def _killed_after_first_checkpoint(workdir: pathlib.Path) -> None:
+def _killed_after_first_checkpoint(workdir: pathlib.Path, cache: pathlib.Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "promed_jax.main", *ARGS, f"--workdir={workdir}"],
         cwd=REPO,
-        env=dict(os.environ),
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -55,10 +55,23 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tokens_per_s")} for line in lines]
 
 
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent compilation cache shared by the three runs (the killed one writes it): fewer compiles,
+    the same executables. Restored afterwards."""
+    import jax
+
+    cache = tmp_path / "xla_cache"
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    yield cache
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path, compilation_cache):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    _killed_after_first_checkpoint(killed)
+    _killed_after_first_checkpoint(killed, compilation_cache)
     assert main.main(["promed_jax.main", *ARGS, f"--workdir={killed}"]) == 0
     assert main.main(["promed_jax.main", *ARGS, f"--workdir={straight}"]) == 0
     weights = [(w / "sft" / "model" / "model.safetensors").read_bytes() for w in (killed, straight)]
