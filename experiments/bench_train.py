@@ -7,7 +7,8 @@ of `--reps` steps after one warm-up step:
   * tokens/s (B x T / step time) for both, and the ratio ours / torch;
   * MFU = 6 x N_params x tokens/s / peak, with the peak the FLOP/s of a large fp32 matmul measured in the same
     run (the better of JAX's and torch's): this CPU's number, not a datasheet's;
-  * a profile of both steps' parts: the forward (loss only), forward + backward, and the whole step;
+  * a profile of both steps' parts: the forward (loss only; ours on the first microbatch), forward + backward,
+    and the whole step;
   * our compile time, apart.
 torch runs with `torch.set_num_threads(2)`, SDPA attention, no gradient checkpointing. Ours runs with
 remat per block by default (`--no-remat` keeps every activation: about 9 GB at this batch), the loss over
@@ -191,7 +192,10 @@ def main() -> None:
         print(f"our compile time (LoRA step): {results['ours (LoRA)']['compile_s']:.1f} s")
     results["torch (full)"] = theirs(batch, reps=reps)
     print(f"load average now: {os.getloadavg()}")
-    print("step | tokens/s | MFU | forward s | forward+backward s | whole step s | tokens/s vs torch")
+    print(
+        "step | tokens/s | MFU | forward s (ours: first microbatch) | forward+backward s | whole step s | "
+        "tokens/s vs torch"
+    )
     base = tokens / results["torch (full)"]["step_s"]
     for name, r in results.items():
         rate = tokens / r["step_s"]
