@@ -30,6 +30,11 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
   (`consult.max_questions`); the patient (`patient.*`, `backend.model`, `backend.temperature`); the doctor's
   decoding (`sampling.top_p`, `top_k`, `max_dialogue_tokens`; `eval.temperature`, `max_new_tokens`,
   `repetition_penalty`, `no_repeat_ngram_size`, `seed`).
+- sft: model numerics and LoRA settings (rank, alpha, dropout, targets: what is trained); what the naive
+  doctor's dialogues depend on (`data.initial_info`, `consult.max_questions`, the fact_select patient's
+  `patient.kind`, `threshold`, `max_facts`); every `sft.*` field that changes the trained parameters. Not
+  `sft.vocab_chunk` (chunking) nor `sft.eval_every` (when the eval loss is logged); `ckpt.*` and `mesh` change
+  where and how often, not what. The weights hash is the model the run starts from.
 """
 
 from __future__ import annotations
@@ -101,6 +106,33 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "eval.repetition_penalty",
         "eval.no_repeat_ngram_size",
         "eval.seed",
+    ),
+    "sft": (
+        *_MODEL_NUMERICS,
+        "model.lora_rank",
+        "model.lora_alpha",
+        "model.lora_dropout",
+        "model.lora_targets",
+        "data.initial_info",
+        "consult.max_questions",
+        "patient.kind",
+        "patient.threshold",
+        "patient.max_facts",
+        "sft.learning_rate",
+        "sft.batch_size",
+        "sft.grad_accum",
+        "sft.epochs",
+        "sft.max_tokens",
+        "sft.buckets",
+        "sft.warmup_steps",
+        "sft.final_lr_fraction",
+        "sft.weight_decay",
+        "sft.max_grad_norm",
+        "sft.eval_fraction",
+        "sft.source",
+        "sft.dialogues",
+        "sft.naive_max_questions",
+        "sft.seed",
     ),
 }
 _COMPARED = ("stage", "config", "weights", "prompt_version")
