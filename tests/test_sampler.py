@@ -13,6 +13,7 @@ from flax import nnx
 from promed_jax.models.config import ModelConfig
 from promed_jax.models.transformer import Transformer, causal_mask, init_cache, positions_from_mask
 from promed_jax.sampling import sampler
+from promed_jax.sampling.keys import row_key, row_keys
 from promed_jax.sampling.sampler import (
     SamplingConfig,
     decode_texts,
@@ -278,8 +279,13 @@ def test_greedy_equals_transformers_generate(model_type, tmp_path):
     attention = torch.tensor([[0] * (total - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         expected = torch_model.generate(
-            input_ids=tokens, attention_mask=attention, do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
-            pad_token_id=0, eos_token_id=None,
+            input_ids=tokens,
+            attention_mask=attention,
+            do_sample=False,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            pad_token_id=0,
+            eos_token_id=None,
         )[:, total:].numpy()
     compared = 0
     for b, prompt in enumerate(prompts):
@@ -291,3 +297,33 @@ def test_greedy_equals_transformers_generate(model_type, tmp_path):
                 break
             compared += 1
     assert compared >= 0.9 * len(prompts) * steps
+
+
+# --- keys per row: a row's tokens depend on its prompt and its key only -----------------------------------
+
+ROW_PROMPTS = [[(7 * i + 3 * j) % VOCAB + 1 for j in range(2 * i + 1)] for i in range(8)]  # 1..15 tokens
+ROW_CONFIG = SamplingConfig(max_new_tokens=10, temperature=1.0, repetition_penalty=1.1)
+
+
+def test_per_row_keys_make_a_batch_equal_its_rows_alone(split):
+    """8 prompts sampled together == each alone with its key; == inside a batch padded to 16, reversed."""
+    keys = row_keys(0, [("test", i) for i in range(8)])
+    together = generate(*split, ROW_PROMPTS, ROW_CONFIG, keys)
+    assert len({tuple(s) for s in together.sequences()}) == 8
+    extra = [[11, 12], [13], [14, 15, 16]]
+    padded = generate(*split, ROW_PROMPTS + extra, ROW_CONFIG, jnp.concatenate([keys, row_keys(1, [(0,), (1,), (2,)])]))
+    reverse = generate(*split, ROW_PROMPTS[::-1], ROW_CONFIG, keys[::-1])
+    for b, prompt in enumerate(ROW_PROMPTS):
+        alone = generate(*split, [prompt], ROW_CONFIG, keys[b : b + 1])
+        for other, row in ((alone, 0), (padded, b), (reverse, 7 - b)):
+            assert other.tokens[row].tolist() == together.tokens[b].tolist(), b
+            np.testing.assert_allclose(other.logprobs[row], together.logprobs[b], atol=1e-5)
+    # The key decides: another key for row 0 changes row 0 only.
+    moved = generate(*split, ROW_PROMPTS, ROW_CONFIG, keys.at[0].set(row_key(9, "other")))
+    assert moved.tokens[0].tolist() != together.tokens[0].tolist()
+    assert moved.tokens[1:].tolist() == together.tokens[1:].tolist()
+
+
+def test_wrong_number_of_keys_is_rejected(split):
+    with pytest.raises(ValueError, match="one key per prompt"):
+        generate(*split, ROW_PROMPTS[:3], ROW_CONFIG, row_keys(0, [(0,), (1,)]))
