@@ -272,7 +272,9 @@ class CoalitionGame:
                 progress(len(coalitions))
             return out
         out = np.empty(len(coalitions), np.float32)
-        for rows, plan in self.plans(prompt, coalitions):
+        for i, (rows, plan) in enumerate(self.plans(prompt, coalitions)):
+            if i:  # the last group's freed rows leave the process (glibc's arenas keep them otherwise)
+                memory.trim_heap()
             out[rows] = self._run_tree(prompt, plan)
             if progress is not None:
                 progress(len(rows))
