@@ -94,7 +94,7 @@ def release(compiled: Sequence[Callable], max_executables: int | None) -> bool:
     Measured with SmolLM2 on 2 CPU cores after 8 cases of n = 6-30 (80 executables): RSS 4,766 MB, of which
     glibc held 1,779 MB freed but kept; `malloc_trim` alone gave back 1,722 MB; the jitted functions'
     `clear_cache` freed 1,591 MB of executables (about 20 MB each) and a trim after it took RSS to 1,526 MB;
-    `jax.clear_caches()` freed only 40 MB more (the loader's functions), so the game's own are cleared."""
+    `jax.clear_caches()` freed only 40 MB more, so only the game's own functions are cleared."""
     executables = sum(fn._cache_size() for fn in compiled)
     dropped = max_executables is not None and executables > max_executables
     if dropped:
