@@ -137,6 +137,10 @@ def shapley_config() -> ml_collections.ConfigDict:
     # runtime, compiled executables, which grow with the shapes met) and peaks at ~1.5x the estimate above that:
     # at 2 GiB a 9-fact exact game peaked at 5.1 GB, so 1 GiB leaves room under 6 GB at any n up to 48.
     c.max_cache_bytes = 2**30
+    # Compiled executables outlive a case (~20 MB each for SmolLM2 on CPU; each new shape adds one): when a case
+    # starts with more than this many, all are dropped (shapes met again recompile), and the C heap is trimmed
+    # before every case (promed_jax.shapley.memory.release). 0: drop them before every case.
+    c.max_executables = 24
     c.seed = 0
     c.plot = False  # write a per-case bar chart of fact weights
     return c

@@ -5,17 +5,24 @@ runs each as the shapley stage does (`configs/shapley.py:smollm`: its game, its 
 budget), round-robin over the buckets so that a run cut short still covers every bucket. One JSON line per
 case is appended as it goes (resumable: ids already in `--out` are skipped) with n, estimator, coalitions,
 wall time, its JAX compilation part (jax.monitoring events), the groups the memory budget cut calls into,
-and the case's peak RSS (VmHWM, reset before each case through /proc/self/clear_refs). Then it prints a
-table per bucket and extrapolates the whole file from the buckets' mean warm times (wall - compile),
-weighted by the file's n distribution, plus the compilation seen once.
+the case's peak RSS (VmHWM, reset before each case through /proc/self/clear_refs) and, after it, the
+resident set, the compiled executables held and glibc's heap (in use / freed but kept: where the RSS goes).
+Then it prints a table per bucket and extrapolates the whole file from the buckets' mean warm times (wall -
+compile), weighted by the file's n distribution, plus the compilation seen once.
+
+`--first IDS` runs those cases before the sample and `--made-up-48` first of all a 48-fact case made of real
+facts (the file's largest case has 35): the facts of medqa_dev_convo:1113 (35) and the first 13 of
+medqa_dev_convo:1209 (35), with 1113's question, options and answer. They are reported apart from the sample.
 
     nice -n 10 python experiments/shapley_stratified.py --out /tmp/strat.jsonl           # the 60 cases
     nice -n 10 python experiments/shapley_stratified.py --out /tmp/big.jsonl --ids medqa_dev_convo:1113  # one case
+    nice -n 5 python experiments/shapley_stratified.py --out /tmp/all.jsonl --made-up-48 --first medqa_dev_convo:1113
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,6 +41,7 @@ import numpy as np
 from configs import shapley as shapley_config
 from experiments.bench_shapley import DATA, CompileClock
 from promed_jax.data.cases import Case, load_cases
+from promed_jax.shapley import memory
 from promed_jax.shapley import run as run_lib
 
 BUCKETS = ((1, 5), (6, 8), (9, 10), (11, 15), (16, 20), (21, 10**6))
@@ -59,19 +67,16 @@ def stratified(cases: list[Case], per_bucket: int, seed: int) -> list[Case]:
     return [group[j] for j in range(per_bucket) for group in picked if j < len(group)]
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set since the last reset, in MB (VmHWM)."""
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+def made_up_48(cases: list[Case]) -> Case:
+    """48 real facts: medqa_dev_convo:1113's 35 and the first 13 of medqa_dev_convo:1209, with 1113's question."""
+    by_id = {c.id: c for c in cases}
+    base, other = by_id["medqa_dev_convo:1113"], by_id["medqa_dev_convo:1209"]
+    facts = base.facts + tuple(f for f in other.facts if f not in base.facts)[:13]
+    assert len(facts) == 48
+    return dataclasses.replace(base, id="made_up:48", source="made_up", facts=facts, known=())
 
 
-def reset_peak_rss() -> None:
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-
-
-def run_cases(cases: list[Case], out: pathlib.Path, config) -> None:
+def run_cases(cases: list[Case], out: pathlib.Path, config, extra: frozenset[str] = frozenset()) -> None:
     done = {json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
     todo = [c for c in cases if c.id not in done]
     print(f"{len(done)} cases done, {len(todo)} to do -> {out}", flush=True)
@@ -90,7 +95,7 @@ def run_cases(cases: list[Case], out: pathlib.Path, config) -> None:
     game.plans = counted_plans
     for case in todo:
         groups.clear()
-        reset_peak_rss()
+        memory.reset_peak_rss()
         compiled = clock.seconds
         start = time.perf_counter()
         _phi, n_evals, plan = run_lib.shapley_values(game, case, config.shapley)
@@ -104,9 +109,16 @@ def run_cases(cases: list[Case], out: pathlib.Path, config) -> None:
             "compile_s": round(clock.seconds - compiled, 3),
             "calls": len(groups),
             "max_groups": max(groups, default=0),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(memory.peak_rss_mb(), 1),
+            "rss_after_mb": round(memory.rss_mb(), 1),
+            "executables": game.executables,
             "load": round(os.getloadavg()[0], 2),
         }
+        heap = memory.heap_stats()
+        if heap is not None:
+            row.update(heap_in_use_mb=round(heap.in_use), heap_free_mb=round(heap.free))
+        if case.id in extra:
+            row["extra"] = True
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -114,6 +126,16 @@ def run_cases(cases: list[Case], out: pathlib.Path, config) -> None:
 
 def report(out: pathlib.Path, cases: list[Case]) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    for r in rows:
+        if r.get("extra"):
+            print(
+                f"apart from the sample: {r['id']} n={r['n']} {r['estimator']} {r['coalitions']} coalitions, "
+                f"{r['wall_s']:.0f} s ({r['compile_s']:.0f} s compiling), peak RSS {r['peak_rss_mb']:.0f} MB, "
+                f"load {r['load']}"
+            )
+    rows = [r for r in rows if not r.get("extra")]
+    if not rows:
+        return
     by_bucket: dict[int, list[dict]] = {}
     for r in rows:
         by_bucket.setdefault(bucket_of(r["n"]), []).append(r)
@@ -121,8 +143,10 @@ def report(out: pathlib.Path, cases: list[Case]) -> None:
     for c in cases:
         in_file[bucket_of(c.n_facts)] += 1
     print(f"\n{len(rows)} cases measured ({out}); the file has {len(cases)} valid cases")
-    print("| n | cases | in file | estimator | coalitions (mean) | wall s (mean) | warm s (mean) | compile s (sum) "
-          "| s / coalition (warm) | peak RSS MB (max) |")
+    print(
+        "| n | cases | in file | estimator | coalitions (mean) | wall s (mean) | warm s (mean) | compile s (sum) "
+        "| s / coalition (warm) | peak RSS MB (max) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     total, compile_total, missing = 0.0, 0.0, []
     for i in range(len(BUCKETS)):
@@ -155,12 +179,17 @@ def main() -> None:
     parser.add_argument("--per-bucket", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ids", default="", help="comma-separated case ids to run instead of the sample")
+    parser.add_argument("--first", default="", help="comma-separated case ids to run before the sample")
+    parser.add_argument("--made-up-48", action="store_true", help="first of all, a 48-fact case of real facts")
     parser.add_argument("--max-cache-bytes", type=int, default=0, help="override shapley.max_cache_bytes")
+    parser.add_argument("--max-executables", type=int, default=-1, help="override shapley.max_executables")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     config = shapley_config.get_config("smollm")
     if args.max_cache_bytes:
         config.shapley.max_cache_bytes = args.max_cache_bytes
+    if args.max_executables >= 0:
+        config.shapley.max_executables = args.max_executables
     cases = load_cases(args.data, on_error="skip")
     if args.ids:
         wanted = args.ids.split(",")
@@ -169,8 +198,13 @@ def main() -> None:
             sys.exit(f"not all of {wanted} are in {args.data}")
     else:
         chosen = stratified(cases, args.per_bucket, args.seed)
+    by_id = {c.id: c for c in cases}
+    first = [by_id[i] for i in args.first.split(",") if i and i in by_id and by_id[i] not in chosen]
+    if args.first and len(first) != len([i for i in args.first.split(",") if by_id.get(i) not in chosen]):
+        sys.exit(f"not all of {args.first} are in {args.data}")
+    first = ([made_up_48(cases)] if args.made_up_48 else []) + first
     if not args.report_only:
-        run_cases(chosen, args.out, config)
+        run_cases(first + chosen, args.out, config, extra=frozenset(c.id for c in first))
     report(args.out, cases)
 
 

@@ -205,6 +205,7 @@ RULES: Mapping[str, Rule] = {
     "shapley.weighting": one_of(WEIGHTINGS),
     "shapley.sig_mode": one_of(SIG_MODES),
     "shapley.max_cache_bytes": POSITIVE_INT,  # the game refuses one too small for a forward, naming the key
+    "shapley.max_executables": COUNT,  # 0: drop them before every case
     "shapley.max_case_coalitions": at_least(4, integer=True),  # kernel_shap's endpoints and one pair
     "shapley.max_case_tokens": POSITIVE_INT,
     "shapley.batch_size": POSITIVE_INT,

@@ -242,7 +242,7 @@ def test_memory_model_from_config(model):
     assert len(deep.levels) > 1 and {level.slots for level in deep.levels} == {deep.slots}
 
 
-def test_budget_cuts_coalitions_into_groups_with_equal_values(tokenizer):
+def test_budget_cuts_coalitions_into_groups_with_equal_values(tokenizer, monkeypatch):
     # Deeper than the tiny model, so that the KV cache, not one forward's activations, dominates (as with
     # SmolLM2, whose 30 layers x 3 KV heads keep ~46 kB per slot and row).
     model = Transformer(ModelConfig.tiny(vocab_size=len(tokenizer), num_layers=6, num_kv_heads=4), rngs=nnx.Rngs(1))
@@ -258,8 +258,11 @@ def test_budget_cuts_coalitions_into_groups_with_equal_values(tokenizer):
     assert len(groups) >= 3 and all(budgeted.memory.plan_bytes(tree, 8) <= budget for _, tree in groups)
     assert sorted(np.concatenate([rows for rows, _ in groups]).tolist()) == list(range(104))
     done = []  # progress within one call: one report per group, adding up to the call's coalitions
+    trims = []  # the C heap is trimmed between groups (what glibc keeps of a group's freed rows)
+    monkeypatch.setattr(game_lib.memory, "trim_heap", lambda: trims.append(len(done)))
     values = budgeted.values(prompt, coalitions, progress=done.append)
     assert done == [len(rows) for rows, _ in groups]
+    assert trims == list(range(1, len(groups)))
     np.testing.assert_allclose(values, game.values(prompt, coalitions), atol=1e-5, rtol=0)
     some = [0, 17, 50, 103]
     separate = np.array([separate_value(model, prompt, coalitions[k]) for k in some])

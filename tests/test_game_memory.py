@@ -61,7 +61,12 @@ def run_child(budget: int | None, root: str | None = None) -> dict:
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(budget)], check=False, cwd=root, env=env, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, json.dumps(budget)],
+        check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -73,3 +78,28 @@ def test_48_fact_case_stays_under_the_budget():
     assert result["prompt_tokens"] > 900  # long rows: the unbudgeted tree holds ~390 of them per level
     grown = (result["peak_kb"] - result["base_kb"]) * 1024
     assert grown < BOUND, f"RSS grew by {grown / 2**20:.0f} MiB (budget {BUDGET / 2**20:.0f} MiB)"
+
+
+def test_trim_gives_freed_heap_memory_back():
+    """glibc keeps freed chunks between live ones; `memory.trim_heap` returns their pages (the RSS creep of a
+    long Shapley run: 1.7 GB after 8 SmolLM2 cases). 400 chunks of 64 KiB (under the mmap threshold, so on the
+    heap) are freed between 400 live ones: free() cannot shrink the heap past the live ones, the trim can."""
+    import ctypes
+
+    from promed_jax.shapley import memory
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, count = 64 * 1024, 800
+    chunks = [libc.malloc(size) for _ in range(count)]
+    for chunk in chunks:
+        ctypes.memset(chunk, 1, size)  # resident
+    for chunk in chunks[::2]:
+        libc.free(chunk)
+    before = memory.rss_mb()
+    assert memory.trim_heap()
+    after = memory.rss_mb()
+    for chunk in chunks[1::2]:
+        libc.free(chunk)
+    assert before - after > 10, f"RSS {before:.0f} -> {after:.0f} MB after freeing 25 MB between live chunks"

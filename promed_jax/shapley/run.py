@@ -172,6 +172,7 @@ def _make_game(config) -> CoalitionGame:
         batch_size=config.shapley.batch_size,
         mesh=mesh,
         max_cache_bytes=config.shapley.max_cache_bytes,
+        max_executables=config.shapley.max_executables,
     )
 
 
