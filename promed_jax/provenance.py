@@ -30,6 +30,12 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
   (`consult.max_questions`); the patient (`patient.*`, `backend.model`, `backend.temperature`); the doctor's
   decoding (`sampling.top_p`, `top_k`, `max_dialogue_tokens`; `eval.temperature`, `max_new_tokens`,
   `repetition_penalty`, `no_repeat_ngram_size`, `seed`).
+- mcts: as eval for the model, initial information, protocol and patient; the SIG reading
+  (`shapley.weighting`, `sig_mode`; the weights themselves come from the Shapley cache, whose records carry
+  their model); the doctor's decoding (`sampling.*` but the seed and temperature, which `mcts.seed` and
+  `mcts.temperature` replace); the search (`mcts.*` but the memory budget and the SFT selection, which is
+  applied after the search and written with its own settings). `mcts.batch_trees` is in: results do not
+  depend on it, but each line's `batch` does.
 """
 
 from __future__ import annotations
@@ -95,6 +101,41 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "eval.repetition_penalty",
         "eval.no_repeat_ngram_size",
         "eval.seed",
+    ),
+    "mcts": (
+        *_MODEL_NUMERICS,
+        "model.lora_rank",
+        "model.lora_alpha",
+        "model.lora_targets",
+        "data.initial_info",
+        "consult.max_questions",
+        "patient.kind",
+        "patient.temperature",
+        "patient.max_tokens",
+        "patient.threshold",
+        "patient.max_facts",
+        "backend.model",
+        "backend.temperature",
+        "shapley.weighting",
+        "shapley.sig_mode",
+        "sampling.top_p",
+        "sampling.top_k",
+        "sampling.max_new_tokens",
+        "sampling.repetition_penalty",
+        "sampling.no_repeat_ngram_size",
+        "sampling.max_dialogue_tokens",
+        "mcts.policy",
+        "mcts.iterations",
+        "mcts.c_uct",
+        "mcts.max_children",
+        "mcts.decay",
+        "mcts.temperature",
+        "mcts.correct_bonus",
+        "mcts.use_correct_bonus",
+        "mcts.expansion",
+        "mcts.leaf_value",
+        "mcts.batch_trees",
+        "mcts.seed",
     ),
 }
 _COMPARED = ("stage", "config", "weights", "prompt_version")
