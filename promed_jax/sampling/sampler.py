@@ -8,13 +8,25 @@ sizes reuse the compiled functions. The prefill runs the prompt through the cach
 default) and keeps only the last position's logits, so an 8k-token dialogue never holds [B, 8k, V] logits.
 
 Per step the logits of the last token are processed in the order transformers' `generate` uses: repetition
-penalty and no-repeat n-gram ban (both over prompt and generated tokens), then temperature, top-k, top-p;
-greedy takes the argmax of the penalised logits. The returned log-probabilities are those of the raw model
+penalty and no-repeat n-gram ban, then temperature, top-k, top-p; greedy takes the argmax of the penalised
+logits. The penalty and the ban see only the tokens sampled in this call (promed.md §4 Decision: within the
+current doctor turn; over the whole dialogue they would forbid the protocol's own markers, `question:` from
+the second turn on and `【answer:` because the instruction shows it); `penalize_prompt=True` gives
+transformers' semantics, prompt included. The returned log-probabilities are those of the raw model
 (temperature 1, no penalty): what the scorer and the RL losses compute for the same tokens.
+
+Keys per row: `rng` holds one typed key per prompt, and the token at new position t of a row is drawn with
+`fold_in(row_key, t)`, never from its batch position, the batch size or the padding, so a prompt sampled in
+any batch gives the same tokens as sampled alone with the same key (a single key is still accepted: it is
+split by batch position, which is NOT batch-invariant).
 
 A row stops after an EOS id or after a stop sequence of token ids (both included in its tokens), or after
 `max_new_tokens`. Stop *strings* can tokenize differently in context, so `truncate_at_stop_strings` cuts the
 decoded text afterwards; their canonical tokenizations, passed as stop sequences, stop the loop early.
+
+Compilation: temperature, EOS ids and stop sequences are data (`Controls`, padded to power-of-two buckets),
+not compile-time constants; only greedy-vs-sampling, top-k/top-p, the penalties, the pad id, LoRA on/off and
+the bucketed shapes select a compiled prefill/decode.
 """
 
 from __future__ import annotations
@@ -34,15 +46,21 @@ from promed_jax.models.transformer import KVCache, init_cache, positions_from_ma
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
 PREFILL_CHUNK = 512
+MIN_EOS_BUCKET = 4  # EOS ids per call, padded with -1
+MIN_STOPS_BUCKET = 4  # stop sequences per call, padded with empty ones
+MIN_STOP_LEN_BUCKET = 8  # tokens per stop sequence, left-padded with -1
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample. Hashable: every field but `max_new_tokens` is part of the compiled decode.
+    """How to sample. Hashable. `temperature`, `eos_ids`, `stop_sequences` and `max_new_tokens` (within its
+    power-of-two bucket) are passed to the compiled prefill/decode as data; the other fields, and whether the
+    call is greedy, select the compiled functions.
 
     `temperature == 0` or `greedy` takes the argmax; `top_k == 0` and `top_p == 1` switch those filters
     off; `repetition_penalty == 1` and `no_repeat_ngram_size == 0` switch those off (the paper's RL stage
-    uses 1.1 and 3). `pad_id` fills the buffer after a row stops.
+    uses 1.1 and 3). Both look only at the tokens sampled in this call unless `penalize_prompt` (then at the
+    prompt too, as transformers does). `pad_id` fills the buffer after a row stops.
     """
 
     max_new_tokens: int = 256
@@ -56,6 +74,7 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_id: int = 0
     use_lora: bool = True
+    penalize_prompt: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
@@ -94,7 +113,7 @@ class SamplerState:
       done: bool[B] the row has stopped (or is batch padding).
       lengths: int32[B] new tokens so far, the stop token included.
       logprobs: float32[B, N] raw-model log-probability of each new token (0 after the row stopped).
-      rng: PRNG key.
+      rng: key[B] one typed PRNG key per row; new token t of row b is drawn with `fold_in(rng[b], t)`.
       limit: int32[] the number of new tokens asked for (<= N).
     """
 
@@ -108,6 +127,66 @@ class SamplerState:
     logprobs: jax.Array
     rng: jax.Array
     limit: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Controls:
+    """The per-call settings passed to the compiled prefill/decode as data (E, S, M power-of-two buckets).
+
+    Attributes:
+      temperature: float32[] divides the penalised logits (unused when greedy).
+      eos_ids: int32[E] ids that end a row; -1 pads.
+      stop_ids: int32[S, M] stop sequences of token ids, each right-aligned (its last token in column M - 1);
+        -1 before it.
+      stop_lengths: int32[S] tokens of each stop sequence; 0 for padding rows, which never match.
+    """
+
+    temperature: jax.Array
+    eos_ids: jax.Array
+    stop_ids: jax.Array
+    stop_lengths: jax.Array
+
+
+def make_controls(config: SamplingConfig) -> Controls:
+    """`config`'s temperature, EOS ids and stop sequences as host arrays in their buckets."""
+    eos = np.full(next_power_of_two(len(config.eos_ids), MIN_EOS_BUCKET), -1, np.int32)
+    eos[: len(config.eos_ids)] = config.eos_ids
+    stops = config.stop_sequences
+    width = next_power_of_two(max((len(s) for s in stops), default=1), MIN_STOP_LEN_BUCKET)
+    stop_ids = np.full((next_power_of_two(len(stops), MIN_STOPS_BUCKET), width), -1, np.int32)
+    stop_lengths = np.zeros(stop_ids.shape[0], np.int32)
+    for i, sequence in enumerate(stops):
+        stop_ids[i, width - len(sequence) :] = sequence
+        stop_lengths[i] = len(sequence)
+    temperature = 1.0 if config.is_greedy else config.temperature
+    return Controls(np.float32(temperature), eos, stop_ids, stop_lengths)
+
+
+def compiled_part(config: SamplingConfig, new_len: int) -> SamplingConfig:
+    """The static part of `config` (runtime fields neutralised), the key of the compiled functions."""
+    greedy = config.is_greedy
+    return dataclasses.replace(
+        config,
+        max_new_tokens=new_len,
+        greedy=greedy,
+        temperature=0.0 if greedy else 1.0,
+        eos_ids=(),
+        stop_sequences=(),
+    )
+
+
+def per_row_keys(rng: jax.Array, n: int, batch: int) -> jax.Array:
+    """key[batch]: the n rows' keys (`rng` key[n], or one key split by batch position), then copies of the
+    first for the batch-padding rows (which start done and never sample)."""
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    if rng.shape == ():
+        rng = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(n, dtype=jnp.uint32))
+    elif rng.shape != (n,):
+        raise ValueError(f"generate: rng must be one key or one key per prompt ({n}), got shape {rng.shape}")
+    return rng[np.minimum(np.arange(batch), n - 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +214,7 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def left_padded(
-    rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
+def left_padded(rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32[batch, length], valid bool[batch, length]) with each row right-aligned after `pad_id`s.
 
     The `batch - len(rows)` batch-padding rows hold one valid token, so that no row attends nothing.
@@ -162,6 +239,10 @@ def generate(
 ) -> SampleOutput:
     """Sample continuations of `prompts` (token ids, lengths may differ) from the model `(graphdef, params)`.
 
+    `rng` is key[len(prompts)], one typed key per prompt (e.g. `keys.row_keys`): then each row's tokens
+    depend only on its prompt and its key, whatever the batch. A single key is split by batch position
+    (`fold_in(rng, b)`), which reproduces a call but not the same prompt in another batch.
+
     Split the model once with `graphdef, params = nnx.split(model)` (after `model.materialize_head()` for a
     tied embedding: the logits then read a `[D, V]` head) and pass both on every call. `prefill_chunk` (a
     power of two) bounds the prefill's logits to [B, prefill_chunk, V].
@@ -174,11 +255,13 @@ def generate(
     tokens, valid = left_padded(prompts, batch, prompt_len, config.pad_id)
     done = np.arange(batch) >= len(prompts)  # batch-padding rows start done
 
-    static = dataclasses.replace(config, max_new_tokens=new_len)
+    keys = per_row_keys(rng, len(prompts), batch)
+    static = compiled_part(config, new_len)
+    controls = make_controls(config)
     chunk = min(prompt_len, next_power_of_two(prefill_chunk))
     limit = np.int32(config.max_new_tokens)
-    state = _prefill(graphdef, params, tokens, valid, done, rng, limit, config=static, chunk=chunk)
-    state = _decode(graphdef, params, state, config=static)
+    state = _prefill(graphdef, params, tokens, valid, done, keys, limit, controls, config=static, chunk=chunk)
+    state = _decode(graphdef, params, state, controls, config=static)
     n = len(prompts)
     return SampleOutput(
         tokens=np.asarray(state.tokens)[:n, prompt_len : prompt_len + config.max_new_tokens],
@@ -189,7 +272,9 @@ def generate(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"))
-def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: SamplingConfig, chunk: int) -> SamplerState:
+def _prefill(
+    graphdef, params, tokens, valid, done, rng, limit, controls: Controls, *, config: SamplingConfig, chunk: int
+) -> SamplerState:
     """Run the prompts [B, P] through the model into a fresh cache, `chunk` tokens at a time (only the last
     position's logits are kept, so memory holds [B, chunk, V] logits, not [B, P, V]); sample the first token."""
     model = nnx.merge(graphdef, params)
@@ -231,11 +316,11 @@ def _prefill(graphdef, params, tokens, valid, done, rng, limit, *, config: Sampl
         rng=rng,
         limit=limit,
     )
-    return _append_sampled(state, last_logits, config)
+    return _append_sampled(state, last_logits, controls, config)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
-def _decode(graphdef, params, state: SamplerState, *, config: SamplingConfig) -> SamplerState:
+def _decode(graphdef, params, state: SamplerState, controls: Controls, *, config: SamplingConfig) -> SamplerState:
     """Decode one token per row per step until every row is done or `limit` tokens are out."""
     model = nnx.merge(graphdef, params)
     prompt_len = state.tokens.shape[1] - config.max_new_tokens
@@ -250,41 +335,49 @@ def _decode(graphdef, params, state: SamplerState, *, config: SamplingConfig) ->
         logits, cache = model(
             token, s.positions[:, None], mask, cache=s.cache, cache_index=s.cursor, use_lora=config.use_lora
         )
-        return _append_sampled(dataclasses.replace(s, cache=cache), logits[:, 0], config)
+        return _append_sampled(dataclasses.replace(s, cache=cache), logits[:, 0], controls, config)
 
     return jax.lax.while_loop(running, step, state)
 
 
-def _append_sampled(state: SamplerState, logits: jax.Array, config: SamplingConfig) -> SamplerState:
+def _append_sampled(state: SamplerState, logits: jax.Array, controls: Controls, config: SamplingConfig) -> SamplerState:
     """Sample a token per row from `logits` float32[B, V], write it after the cursor, update the flags."""
     prompt_len = state.tokens.shape[1] - config.max_new_tokens
-    history = state.valid & (jnp.arange(state.tokens.shape[1]) <= state.cursor)
+    slots = jnp.arange(state.tokens.shape[1])
+    history = state.valid & (slots <= state.cursor)
+    if not config.penalize_prompt:
+        history &= slots >= prompt_len  # only this call's tokens (the current doctor turn)
     processed = logits.astype(jnp.float32)
     if config.repetition_penalty != 1.0:
         processed = repetition_penalty(processed, state.tokens, history, config.repetition_penalty)
     if config.no_repeat_ngram_size:
         processed = ban_repeated_ngrams(processed, state.tokens, history, state.cursor, config.no_repeat_ngram_size)
-    rng, key = jax.random.split(state.rng)
+    index = state.cursor + 1
     if config.is_greedy:
         token = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     else:
-        filtered = filter_top_k_top_p(processed / config.temperature, config.top_k, config.top_p)
-        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        filtered = filter_top_k_top_p(processed / controls.temperature, config.top_k, config.top_p)
+        # New token t of row b is drawn with fold_in(rng[b], t): its key, not its batch place.
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, index - prompt_len)
+        token = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
     raw = logits.astype(jnp.float32)
     logprob = jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
 
     active = ~state.done
     token = jnp.where(active, token, config.pad_id)
-    index = state.cursor + 1
     tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], index, axis=1)
     logprobs = jax.lax.dynamic_update_slice_in_dim(
         state.logprobs, jnp.where(active, logprob, 0.0)[:, None], index - prompt_len, axis=1
     )
     lengths = state.lengths + active.astype(jnp.int32)
-    stop = jnp.isin(token, jnp.asarray(config.eos_ids, jnp.int32)) if config.eos_ids else jnp.zeros_like(active)
-    for sequence in config.stop_sequences:
-        tail = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(index + 1 - len(sequence), 0), len(sequence), axis=1)
-        stop |= (lengths >= len(sequence)) & jnp.all(tail == jnp.asarray(sequence, jnp.int32), axis=-1)
+    stop = jnp.any(token[:, None] == controls.eos_ids[None, :], axis=-1)
+    # The last M tokens of each row (clipped indices only ever reach sequences longer than `lengths`).
+    width = controls.stop_ids.shape[1]
+    tail = jnp.take(tokens, jnp.maximum(index - (width - 1) + jnp.arange(width), 0), axis=1)  # [B, M]
+    in_sequence = jnp.arange(width)[None, :] >= width - controls.stop_lengths[:, None]  # [S, M]
+    equal = jnp.all((tail[:, None, :] == controls.stop_ids[None]) | ~in_sequence[None], axis=-1)  # [B, S]
+    usable = (controls.stop_lengths[None, :] > 0) & (lengths[:, None] >= controls.stop_lengths[None, :])
+    stop |= jnp.any(equal & usable, axis=-1)
     return dataclasses.replace(
         state,
         tokens=tokens,
@@ -293,7 +386,6 @@ def _append_sampled(state: SamplerState, logits: jax.Array, config: SamplingConf
         done=state.done | (active & stop),
         lengths=lengths,
         logprobs=logprobs,
-        rng=rng,
     )
 
 
@@ -380,6 +472,39 @@ def truncate_at_stop_strings(
         logprobs[b, lo:] = 0.0
         lengths[b], stopped[b] = lo, True
     return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=stopped)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledTurn:
+    """One sampled continuation, token in and token out.
+
+    Attributes:
+      ids: int32[n] the sampled token ids, a final EOS / stop-sequence token included.
+      logprobs: float32[n] the raw model's log-probability of each (temperature 1, no penalties).
+      stopped: True when the row ended on an EOS id or a stop sequence/string; False when cut at the limit.
+      text: the decoded text, special tokens skipped, cut before the first stop string.
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    stopped: bool
+    text: str
+
+
+def sampled_turns(
+    tokenizer: PreTrainedTokenizerBase, output: SampleOutput, stop_strings: Sequence[str] = ()
+) -> list[SampledTurn]:
+    """`output`'s rows as `SampledTurn`s (cut at stop strings first with `truncate_at_stop_strings`)."""
+    texts = decode_texts(tokenizer, output, stop_strings)
+    return [
+        SampledTurn(
+            ids=output.tokens[b, :n].astype(np.int32),
+            logprobs=output.logprobs[b, :n].astype(np.float32),
+            stopped=bool(output.stopped[b]),
+            text=texts[b],
+        )
+        for b, n in enumerate(output.lengths)
+    ]
 
 
 def decode_texts(
