@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -16,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from promed_jax.consult import protocol
-from promed_jax.consult.patients import FactSelectPatient, PatientRequest
+from promed_jax.consult.patients import FactSelectPatient
 from promed_jax.data import synthetic
 from promed_jax.errors import DataError
 from promed_jax.mcts import search as search_lib
 from promed_jax.mcts import toy, trajectories
+from promed_jax.mcts.testing import CandidateDoctor, exhaustive_best
 from promed_jax.sampling.keys import row_keys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -83,60 +82,13 @@ def test_toy_every_policy_prefers_the_heaviest_unrevealed_fact_and_batching_chan
 
 def test_toy_paper_uct_best_path_collects_facts_in_weight_order():
     tree = toy_search([[0.2, 0.5, 0.3]], "paper_uct", simulations=300, bonus=1.0)
-    paths = search_lib.finished_paths(tree, 0)
-    best_path, total, ret = max(paths, key=lambda p: p[2])
+    best_path, total, ret = max(search_lib.finished_paths(tree, 0), key=lambda p: p[2])
     assert best_path == [1, 2, 0, 3]  # facts by weight, then the answer (slot 3)
     assert total == pytest.approx(2.0)  # all the weight and the bonus
     assert ret == pytest.approx(0.5 + 0.9 * 0.3 + 0.81 * 0.2 + 0.729 * 1.0, abs=1e-6)
 
 
 # --- scripted doctors on the synthetic clinic ---------------------------------------------------------------
-
-
-def finding_question(name: str) -> str:
-    return "question: " + synthetic.FINDINGS[name].question
-
-
-_OPTION = re.compile(r"^([A-H]): (.+)$", re.MULTILINE)
-
-
-class CandidateDoctor:
-    """A fixed list of candidate turns per dialogue state: questions about the first `width` findings of the
-    options' diseases not asked yet (alphabetical), then the answer that fits what is known (the first option
-    whose disease holds every finding the patient confirmed). Which candidate a row gets is read from its key.
-    It refuses a conversation that already ended (no calls below terminals) and counts its turns."""
-
-    def __init__(self, width=2):
-        self.width = width
-        self.turns = 0
-        self.calls = 0
-
-    def candidates(self, conversation):
-        first = conversation[0]["content"]
-        options = dict(_OPTION.findall(first))
-        asked, present = set(), set()
-        for doctor, reply in zip(conversation[1::2], conversation[2::2]):
-            assert doctor["content"].startswith("question: "), "a call below a terminal node"
-            name = next(n for n in synthetic.FINDINGS if finding_question(n) == doctor["content"])
-            asked.add(name)
-            if reply["content"] == synthetic.FINDINGS[name].fact:
-                present.add(name)
-        if len(conversation) % 2 == 0:
-            raise AssertionError("the doctor was asked to speak after itself")
-        pool = sorted(set().union(*(synthetic.DISEASES[d] for d in options.values())) - asked)
-        letter = next((k for k, d in options.items() if synthetic.fits(d, present)), "A")
-        return [finding_question(n) for n in pool[: self.width]] + [f"answer: 【answer: {letter}】"]
-
-    def chat(self, conversations, *, max_tokens=256, temperature=0.0, stop=(), keys=None):
-        assert keys is not None and keys.shape == (len(conversations),)
-        self.calls += 1
-        self.turns += len(conversations)
-        data = np.asarray(jax.random.key_data(keys))
-        out = []
-        for conversation, word in zip(conversations, data, strict=True):
-            options = self.candidates(conversation)
-            out.append(options[int(word[-1]) % len(options)])
-        return out
 
 
 class CountingPatient(FactSelectPatient):
@@ -155,7 +107,8 @@ def clinic(n=8):
     return cases, [rng.dirichlet(np.ones(c.n_facts)) for c in cases]
 
 
-SETTINGS = trajectories.SearchSettings(iterations=12, max_children=4, max_questions=3, max_new_tokens=32)
+# One setting for the searches of 8 trees (and 1), so that they share one compiled search per batch size.
+SETTINGS = trajectories.SearchSettings(iterations=200, max_children=8, max_questions=2, max_new_tokens=32)
 
 
 def test_batch_of_8_dialogue_trees_equals_8_alone():
@@ -171,7 +124,7 @@ def test_batch_of_8_dialogue_trees_equals_8_alone():
 def test_one_doctor_and_one_patient_call_per_simulation_and_none_below_terminals():
     cases, weights = clinic()
     doctor, patient = CandidateDoctor(), CountingPatient()
-    settings = trajectories.SearchSettings(iterations=30, max_children=4, max_questions=2, max_new_tokens=32)
+    settings = SETTINGS
     records, _, env = trajectories.search_cases(cases, weights, doctor, patient, settings)
     assert doctor.calls <= settings.iterations and len(patient.calls) <= settings.iterations
     # doctor turns sampled = tree edges expanded from live nodes: every other simulation was spent below a
@@ -179,7 +132,9 @@ def test_one_doctor_and_one_patient_call_per_simulation_and_none_below_terminals
     expanded = sum(len(t) - 1 for t in env.tables)
     assert doctor.turns == expanded == sum(c.doctor_turns for c in env.calls)
     assert sum(patient.calls) == sum(c.patient_replies for c in env.calls)
-    assert expanded < settings.iterations * len(cases)  # 30 simulations on trees of at most 1 + 3 + 9 + 27 nodes
+    assert expanded < settings.iterations * len(
+        cases
+    )  # 200 simulations; a tree has at most 1 + 8 + 64 + 512 live nodes
     assert all(
         r["llm_calls"] == {"doctor_turns": env.calls[b].doctor_turns, "patient_replies": env.calls[b].patient_replies}
         for b, rs in enumerate(records)
@@ -187,47 +142,17 @@ def test_one_doctor_and_one_patient_call_per_simulation_and_none_below_terminals
     )
 
 
-def exhaustive_best(case, w, doctor, patient, max_questions):
-    """The best total SIG and reward over every candidate path of the scripted doctor (the whole tree)."""
-    first = [{"role": "user", "content": protocol.doctor_first_message(case, max_questions=max_questions)}]
-    best = (0.0, 0.0)
-
-    def walk(conversation, revealed, history, asked):
-        nonlocal best
-        for text in doctor.candidates(conversation):
-            turn = protocol.parse_doctor_turn(text, case.options)
-            if turn.kind == protocol.ANSWER:
-                sig = float(w @ revealed)
-                bonus = 2.0 if protocol.is_correct(turn.letters, case.answer) else 0.0
-                best = max(best, (sig, sig + bonus), key=lambda x: x[1])
-                continue
-            if asked >= max_questions:
-                best = max(best, (float(w @ revealed), float(w @ revealed)), key=lambda x: x[1])
-                continue
-            (reply,) = patient.reply([PatientRequest(case=case, question=turn.question, history=history)])
-            now = revealed.copy()
-            now[list(reply.facts)] = True
-            walk(
-                [*conversation, {"role": "assistant", "content": text}, {"role": "user", "content": reply.text}],
-                now,
-                (*history, (turn.question, reply.text)),
-                asked + 1,
-            )
-
-    walk(first, np.zeros(case.n_facts, bool), (), 0)
-    return best
-
-
 def test_synthetic_clinic_search_reaches_the_exhaustive_optimum():
-    cases, weights = clinic(4)
-    doctor, patient = CandidateDoctor(width=2), FactSelectPatient()
-    settings = trajectories.SearchSettings(iterations=80, max_children=8, max_questions=2, max_new_tokens=32)
+    cases, weights = clinic()
+    doctor, patient = CandidateDoctor(width=2, pick="cycle"), FactSelectPatient()
+    settings = SETTINGS
     records, stats, _ = trajectories.search_cases(cases, weights, doctor, patient, settings)
     for case, w, mine, stat in zip(cases, weights, records, stats, strict=True):
-        sig, reward = exhaustive_best(case, w, doctor, patient, settings.max_questions)
-        best = max(mine, key=lambda r: r["reward"])
-        assert (best["total_sig"], best["reward"]) == pytest.approx((sig, reward)), case.id
-        assert stat.best_reward == pytest.approx(reward)
+        most_sig, best_return = exhaustive_best(case, w, doctor, patient, settings.max_questions)
+        assert max(r["total_sig"] for r in mine) == pytest.approx(most_sig), case.id
+        assert max(r["return"] for r in mine) == pytest.approx(best_return), case.id
+        assert stat.best_total_sig == pytest.approx(most_sig)
+        best = max(mine, key=lambda r: r["return"])
         assert best["messages"][0]["role"] == "user" and best["messages"][1]["role"] == "assistant"
         assert len(best["turn_sig"]) == len([m for m in best["messages"] if m["role"] == "assistant"])
 
@@ -277,7 +202,8 @@ import sys
 from promed_jax.mcts import run as mcts_run
 from promed_jax.consult.patients import FactSelectPatient
 sys.path.insert(0, {tests!r})
-from test_mcts import CandidateDoctor, stage_config
+from test_mcts import stage_config
+from promed_jax.mcts.testing import CandidateDoctor
 
 class Slow(CandidateDoctor):
     def chat(self, conversations, **kw):
@@ -299,7 +225,7 @@ def stage_config():
     config.data.synthetic_n = 6
     config.mcts.batch_trees = 2
     config.mcts.iterations = 6
-    config.mcts.max_children = 4
+    config.mcts.max_children = 8  # the eager test's shapes: one compiled search for both
     config.consult.max_questions = 2
     config.mcts.require_correct = False
     return config
