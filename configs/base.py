@@ -155,7 +155,8 @@ def mcts_config() -> ml_collections.ConfigDict:
     # 'gumbel_muzero' (mctx's selection rules, noise drawn per tree).
     c.policy = "paper_uct"
     c.expansion = "lazy"  # paper: a slot's turn is sampled when first chosen | 'eager': K candidates per new node
-    c.leaf_value = "zero"  # 'zero' | 'rollout': the doctor finishes the dialogue, value = its discounted return
+    c.leaf_value = "rollout"  # paper: a simulation goes on until the doctor answers (the policy finishes it; value =
+    # its discounted return; the finished dialogue is exported) | 'zero': one doctor turn per simulation
     c.batch_trees = 8  # cases searched together: one sampler and one patient call per simulation for all of them
     c.max_state_bytes = 2**30  # host-side search state (dialogue texts per node) of one batch; over it stops the run
     c.seed = 0  # per-row sampling keys: (seed, case id, simulation, slot)

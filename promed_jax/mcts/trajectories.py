@@ -54,7 +54,10 @@ _OPTIONAL_TYPES: Mapping[str, type | tuple[type, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-    """What a search does (the `mcts` section, the protocol and the doctor's decoding), names and numbers."""
+    """What a search does (the `mcts` section, the protocol and the doctor's decoding), names and numbers.
+
+    The defaults are a bare search's (tests, benchmarks); the stage takes every field from its config
+    (`mcts.run.settings_from_config`), where the leaf value defaults to the paper's `rollout`."""
 
     policy: str = "paper_uct"
     iterations: int = 5
