@@ -198,22 +198,23 @@ def test_selection_and_reader():
 # --- the stage: SIGKILL, then resume ------------------------------------------------------------------------
 
 _STAGE = """
-import sys
+import os, pathlib, signal, sys
 from promed_jax.mcts import run as mcts_run
 from promed_jax.consult.patients import FactSelectPatient
 sys.path.insert(0, {tests!r})
 from test_mcts import stage_config
 from promed_jax.mcts.testing import CandidateDoctor
 
-class Slow(CandidateDoctor):
-    def chat(self, conversations, **kw):
-        out = super().chat(conversations, **kw)
-        if {kill_after} and self.calls == {kill_after}:
-            import os, signal
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
+export = pathlib.Path({workdir!r}) / "mcts" / "synthetic.jsonl"
 
-backends = mcts_run.Backends(doctor=Slow(), patient=FactSelectPatient(), weights="scripted")
+class Killed(CandidateDoctor):
+    def chat(self, conversations, **kw):
+        # the first doctor call after a batch's lines were written: inside the next batch's search
+        if {kill} and export.exists() and export.stat().st_size:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().chat(conversations, **kw)
+
+backends = mcts_run.Backends(doctor=Killed(), patient=FactSelectPatient(), weights="scripted")
 mcts_run.run_search(stage_config(), {workdir!r}, backends)
 """
 
@@ -259,8 +260,8 @@ def write_weights(workdir):
             )
 
 
-def run_stage(workdir, kill_after=0):
-    script = _STAGE.format(tests=str(REPO / "tests"), workdir=str(workdir), kill_after=kill_after)
+def run_stage(workdir, kill=False):
+    script = _STAGE.format(tests=str(REPO / "tests"), workdir=str(workdir), kill=kill)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300
@@ -281,8 +282,8 @@ def test_sigkill_during_search_then_resume_gives_the_same_export(tmp_path):
     for workdir in (whole, killed):
         write_weights(workdir)
     mcts_run.run_search(stage_config(), str(whole), scripted_backends())
-    # 3 batches of 6 simulations: the child is killed inside the second batch, after the first batch's lines
-    cut = run_stage(killed, kill_after=9)
+    # 3 batches (rollout leaf values, the default): the child is killed inside the second batch's search
+    cut = run_stage(killed, kill=True)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-2000:]
     partial = (killed / "mcts" / "synthetic.jsonl").read_bytes()
     assert partial and whole.joinpath("mcts", "synthetic.jsonl").read_bytes().startswith(partial)
