@@ -168,7 +168,18 @@ def mcts_config() -> ml_collections.ConfigDict:
     c.temperature = 0.7  # paper: expansion samples at 0.7
     c.correct_bonus = 2.0  # paper: optional +2 when the final answer is right
     c.use_correct_bonus = True
-    c.min_reward = 0.0  # SFT keeps exported dialogues with reward above this ...
+    # Search (promed_jax/mcts). 'paper_uct' (paper: Q + c*sqrt(ln N_parent / N), unvisited first) | 'muzero' |
+    # 'gumbel_muzero' (mctx's selection rules, noise drawn per tree).
+    c.policy = "paper_uct"
+    c.expansion = "lazy"  # paper: a slot's turn is sampled when first chosen | 'eager': K candidates per new node
+    c.leaf_value = "rollout"  # paper: a simulation goes on until the doctor answers (the policy finishes it; value =
+    # its discounted return; the finished dialogue is exported) | 'zero': one doctor turn per simulation
+    c.batch_trees = 8  # cases searched together: one sampler and one patient call per simulation for all of them
+    c.max_state_bytes = 2**30  # host-side search state (dialogue texts per node) of one batch; over it stops the run
+    c.seed = 0  # per-row sampling keys: (seed, case id, simulation, slot)
+    # Selection for SFT ({workdir}/mcts/selected.jsonl): per case the top_k distinct dialogues by reward (0 = all)
+    c.top_k = 1
+    c.min_reward = 0.0  # ... with reward (sum of SIG + bonus) at least this ...
     c.require_correct = True  # ... and a right final answer
     return c
 

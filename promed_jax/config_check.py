@@ -143,6 +143,12 @@ def _lora_targets() -> tuple[str, ...]:
     return LORA_TARGETS
 
 
+def _mcts_names(name: str) -> tuple[str, ...]:
+    from promed_jax.mcts import environment
+
+    return getattr(environment, name)
+
+
 def lazy(make: Callable[[], Rule]) -> Rule:
     """A rule built on first use (its names live in a module that is slow to import)."""
     return lambda value: make()(value)
@@ -226,6 +232,13 @@ RULES: Mapping[str, Rule] = {
     "mcts.temperature": TEMPERATURE,
     "mcts.correct_bonus": finite,
     "mcts.use_correct_bonus": boolean,
+    "mcts.policy": registered("mcts_policy", "promed_jax.mcts.search"),
+    "mcts.expansion": lazy(lambda: one_of(_mcts_names("EXPANSIONS"))),
+    "mcts.leaf_value": lazy(lambda: one_of(_mcts_names("LEAF_VALUES"))),
+    "mcts.batch_trees": POSITIVE_INT,
+    "mcts.max_state_bytes": POSITIVE_INT,
+    "mcts.seed": SEED,
+    "mcts.top_k": COUNT,
     "mcts.min_reward": finite,
     "mcts.require_correct": boolean,
     "sft.learning_rate": POSITIVE,

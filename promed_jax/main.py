@@ -30,9 +30,10 @@ STAGES: dict[str, str] = {
     "data": "promed_jax.data.stats:run",
     "shapley": "promed_jax.shapley.run:run",
     "sft": "promed_jax.training.run:run",
+    "mcts": "promed_jax.mcts.run:run",
     "eval": "promed_jax.evaluation.evaluate:run",
 }
-LATER = {"mcts": "MCTS (stage 1)", "rl": "SIG-augmented policy optimisation (stage 2)"}
+LATER = {"rl": "SIG-augmented policy optimisation (stage 2)"}
 PIPELINE = ("data", "shapley", "mcts", "sft", "rl", "eval")
 EXIT_BAD_INPUT = 1
 EXIT_NOT_BUILT = 2

@@ -35,6 +35,12 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
   `patient.kind`, `threshold`, `max_facts`); every `sft.*` field that changes the trained parameters. Not
   `sft.vocab_chunk` (chunking) nor `sft.eval_every` (when the eval loss is logged); `ckpt.*` and `mesh` change
   where and how often, not what. The weights hash is the model the run starts from.
+- mcts: as eval for the model, initial information, protocol and patient; the SIG reading
+  (`shapley.weighting`, `sig_mode`; the weights themselves come from the Shapley cache, whose records carry
+  their model); the doctor's decoding (`sampling.*` but the seed and temperature, which `mcts.seed` and
+  `mcts.temperature` replace); the search (`mcts.*` but the memory budget and the SFT selection, which is
+  applied after the search and written with its own settings). `mcts.batch_trees` is in: results do not
+  depend on it, but each line's `batch` does.
 """
 
 from __future__ import annotations
@@ -133,6 +139,47 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "sft.dialogues",
         "sft.naive_max_questions",
         "sft.seed",
+    ),
+    "mcts": (
+        *_MODEL_NUMERICS,
+        "model.lora_rank",
+        "model.lora_alpha",
+        "model.lora_targets",
+        "data.initial_info",
+        "consult.max_questions",
+        "patient.kind",
+        "patient.temperature",
+        "patient.max_tokens",
+        "patient.threshold",
+        "patient.max_facts",
+        "patient.contrast_weight",
+        "patient.hub_weight",
+        "patient.lexical_weight",
+        "patient.semantic_threshold",
+        "patient.margin",
+        "patient.zh_threshold",
+        "backend.model",
+        "backend.temperature",
+        "shapley.weighting",
+        "shapley.sig_mode",
+        "sampling.top_p",
+        "sampling.top_k",
+        "sampling.max_new_tokens",
+        "sampling.repetition_penalty",
+        "sampling.no_repeat_ngram_size",
+        "sampling.max_dialogue_tokens",
+        "mcts.policy",
+        "mcts.iterations",
+        "mcts.c_uct",
+        "mcts.max_children",
+        "mcts.decay",
+        "mcts.temperature",
+        "mcts.correct_bonus",
+        "mcts.use_correct_bonus",
+        "mcts.expansion",
+        "mcts.leaf_value",
+        "mcts.batch_trees",
+        "mcts.seed",
     ),
 }
 _COMPARED = ("stage", "config", "weights", "prompt_version")

@@ -113,9 +113,13 @@ def test_presets_pick_model_and_data():
 
 def test_dispatch_table():
     from promed_jax.data import stats
+    from promed_jax.mcts import run as mcts_run
+    from promed_jax.training import run as sft_run
 
     assert main.resolve_stage("data") is stats.run
-    for mode in ("mcts", "rl"):
+    assert main.resolve_stage("mcts") is mcts_run.run
+    assert main.resolve_stage("sft") is sft_run.run
+    for mode in ("rl",):
         with pytest.raises(main.StageMissing, match="not built yet \\(later issue\\)"):
             main.resolve_stage(mode)
     with pytest.raises(main.UnknownMode, match="unknown config.mode 'train'"):
@@ -171,9 +175,11 @@ def test_missing_config_file_is_one_line():
 
 
 def test_stage_not_built_yet_exits_2():
-    result = run_main("--config=configs/mcts.py")
+    result = run_main("--config=configs/rl.py", "--config.mode=rl")
     assert result.returncode == main.EXIT_NOT_BUILT
-    assert result.stderr.strip().splitlines()[-1] == "error: mode 'mcts': MCTS (stage 1) is not built yet (later issue)"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: mode 'rl': SIG-augmented policy optimisation (stage 2) is not built yet (later issue)"
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -212,9 +218,10 @@ def test_main_job_runs_what_exists_and_names_the_missing_stages(tmp_path):
     prefix = "pipeline: stages still missing: "
     missing = [line for line in result.stdout.splitlines() if line.startswith(prefix)]
     assert len(missing) == 1
-    assert set(missing[0].removeprefix(prefix).split(", ")) == {"mcts", "rl"}
+    assert set(missing[0].removeprefix(prefix).split(", ")) == {"rl"}
     # the stages that exist ran and wrote their outputs
     assert (tmp_path / "shapley" / "synthetic.jsonl").is_file()
+    assert (tmp_path / "mcts" / "synthetic.jsonl").is_file() and (tmp_path / "mcts" / "selected.jsonl").is_file()
     assert list((tmp_path / "eval").glob("*/summary.md"))
 
 
