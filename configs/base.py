@@ -178,18 +178,25 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.format_reward_start = 1.0  # paper: the turn starts with `question:` / `answer:`
     c.format_reward_contains = 0.5  # paper: the turn only contains the marker
     c.clip_eps = 0.1  # paper: PPO-clip epsilon
+    c.clip_eps_high = 0.0  # the upper clip epsilon ("clip-higher"); 0 = the same as clip_eps (the paper's)
+    c.log_ratio_clamp = 20.0  # |log pi - log pi_old| and |log pi_ref - log pi| are clamped to this before exp
     c.kl_beta = 0.04  # paper
-    c.kl_estimator = "k3"  # paper
+    c.kl_estimator = "k3"  # paper; 'k1' | 'k2' | 'k3' | 'none' (promed_jax.rl.losses)
     c.learning_rate = 5e-6  # paper
     c.optimizer = "adam"  # paper
     c.updates_per_batch = 1  # paper: one policy update per rollout batch
     # paper: 'token_mean' = reward - mean token reward of the group, no std normalisation;
-    # 'group_std' = GRPO's (r - mean) / std, used by the trajectory-level ablation
+    # 'traj_mean' = reward - the group's mean of per-dialogue mean token rewards (each dialogue counts once);
+    # 'group_std' = GRPO's (R - mean) / std, used by the trajectory-level ablation; 'rloo' = leave-one-out
     c.advantage = "token_mean"
-    c.reward = "distributed"  # 'distributed' (paper) | 'trajectory' (ablation) | 'no_distribution' (ablation)
+    # 'distributed' (paper) | 'trajectory' (ablation) | 'no_distribution' (ablation) | 'outcome_only' (no SIG)
+    c.reward = "distributed"
     c.trajectory_correct_reward = 4.0  # paper (trajectory ablation): correctness 4
     c.trajectory_sig_scale = 2.0  # paper (trajectory ablation): + 2 * sum_i w_i c_i(T)
-    c.loss_aggregation = "seq_mean_token_mean"  # paper: mean over doctor tokens per sequence, then sequences
+    # paper: 'seq_mean_token_mean' = mean over doctor tokens per sequence, then sequences;
+    # 'token_mean' = mean over all doctor tokens; 'seq_mean_token_sum_norm' = per-sequence sums / loss_norm_tokens
+    c.loss_aggregation = "seq_mean_token_mean"
+    c.loss_norm_tokens = 8192  # the constant of 'seq_mean_token_sum_norm' (paper: 8,192 tokens per dialogue)
     c.seed = 0
     return c
 

@@ -21,12 +21,6 @@ from promed_jax.errors import ConfigError, WorkdirError
 # A rule returns what the value fails to be ("must be > 0"), or None when it is fine.
 Rule = Callable[[Any], str | None]
 
-# Stage 2 (GRPO) is not built yet: these are the names promed.md §4 and configs/base.py give; the stage will
-# register them and these tuples will give way to its registry.
-GRPO_REWARDS = ("distributed", "trajectory", "no_distribution")
-GRPO_ADVANTAGES = ("token_mean", "group_std")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("seq_mean_token_mean", "seq_mean_token_sum", "token_mean")
 OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("shapley", "uniform")  # shapley.cache.load_weights
 SIG_MODES = ("exact", "paper")  # promed.md §2
@@ -227,17 +221,20 @@ RULES: Mapping[str, Rule] = {
     "grpo.gamma": finite,
     "grpo.format_reward_start": finite,
     "grpo.format_reward_contains": finite,
-    "grpo.clip_eps": POSITIVE,
+    "grpo.clip_eps": above_at_most(0, 1),  # the ratio's lower bound 1 - eps stays >= 0
+    "grpo.clip_eps_high": NONNEGATIVE,  # 0: the same as grpo.clip_eps
+    "grpo.log_ratio_clamp": POSITIVE,
     "grpo.kl_beta": NONNEGATIVE,
-    "grpo.kl_estimator": one_of(KL_ESTIMATORS),
+    "grpo.kl_estimator": registered("rl.kl", "promed_jax.rl"),
     "grpo.learning_rate": POSITIVE,
     "grpo.optimizer": one_of(OPTIMIZERS),
     "grpo.updates_per_batch": POSITIVE_INT,
-    "grpo.advantage": one_of(GRPO_ADVANTAGES),
-    "grpo.reward": one_of(GRPO_REWARDS),
+    "grpo.advantage": registered("rl.advantage", "promed_jax.rl"),
+    "grpo.reward": registered("rl.reward", "promed_jax.rl"),
     "grpo.trajectory_correct_reward": finite,
     "grpo.trajectory_sig_scale": finite,
-    "grpo.loss_aggregation": one_of(LOSS_AGGREGATIONS),
+    "grpo.loss_aggregation": registered("rl.aggregation", "promed_jax.rl"),
+    "grpo.loss_norm_tokens": POSITIVE_INT,
     "grpo.seed": SEED,
     "mesh.shape": non_empty_tuple,
     "mesh.axis_names": non_empty_tuple,
