@@ -29,9 +29,10 @@ if str(REPO_ROOT) not in sys.path:
 STAGES: dict[str, str] = {
     "data": "promed_jax.data.stats:run",
     "shapley": "promed_jax.shapley.run:run",
+    "rl": "promed_jax.rl.loop:run",
     "eval": "promed_jax.evaluation.evaluate:run",
 }
-LATER = {"mcts": "MCTS (stage 1)", "sft": "SFT (stage 1)", "rl": "SIG-augmented policy optimisation (stage 2)"}
+LATER = {"mcts": "MCTS (stage 1)", "sft": "SFT (stage 1)"}
 PIPELINE = ("data", "shapley", "mcts", "sft", "rl", "eval")
 EXIT_BAD_INPUT = 1
 EXIT_NOT_BUILT = 2
@@ -117,7 +118,11 @@ def one_line(error: BaseException, argv: list[str]) -> str:
 
 def _define_flags(flag_values: flags.FlagValues, argv: list[str]):
     config = config_flags.DEFINE_config_file(
-        "config", None, "a config file, e.g. configs/rl.py:tiny", flag_values=flag_values, lock_config=True,
+        "config",
+        None,
+        "a config file, e.g. configs/rl.py:tiny",
+        flag_values=flag_values,
+        lock_config=True,
         sys_argv=argv,
     )
     workdir = flags.DEFINE_string(

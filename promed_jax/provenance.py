@@ -30,6 +30,10 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
   (`consult.max_questions`); the patient (`patient.*`, `backend.model`, `backend.temperature`); the doctor's
   decoding (`sampling.top_p`, `top_k`, `max_dialogue_tokens`; `eval.temperature`, `max_new_tokens`,
   `repetition_penalty`, `no_repeat_ngram_size`, `seed`).
+- rl: model numerics and LoRA settings; the protocol, the patient and the judge; the Shapley weighting and SIG
+  mode (the weights themselves are the cache's, checked per case); the rollouts' decoding (`sampling.*` but
+  its seed: rollout keys come from `grpo.seed`); every `grpo.*` field but `vocab_chunk` (chunking only); the
+  held-out evaluation's decoding (`eval.*` as for eval). The weights hash is the start model's.
 """
 
 from __future__ import annotations
@@ -90,6 +94,72 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "sampling.top_p",
         "sampling.top_k",
         "sampling.max_dialogue_tokens",
+        "eval.temperature",
+        "eval.max_new_tokens",
+        "eval.repetition_penalty",
+        "eval.no_repeat_ngram_size",
+        "eval.seed",
+    ),
+    "rl": (
+        *_MODEL_NUMERICS,
+        "model.lora_rank",
+        "model.lora_alpha",
+        "model.lora_dropout",
+        "model.lora_targets",
+        "data.initial_info",
+        "consult.max_questions",
+        "patient.kind",
+        "patient.temperature",
+        "patient.max_tokens",
+        "patient.threshold",
+        "patient.max_facts",
+        "backend.model",
+        "backend.temperature",
+        "shapley.weighting",
+        "shapley.sig_mode",
+        "sampling.temperature",
+        "sampling.top_p",
+        "sampling.top_k",
+        "sampling.max_new_tokens",
+        "sampling.repetition_penalty",
+        "sampling.no_repeat_ngram_size",
+        "sampling.max_dialogue_tokens",
+        *(
+            f"grpo.{name}"
+            for name in (
+                "num_generations",
+                "batch_cases",
+                "steps",
+                "alpha",
+                "beta",
+                "gamma",
+                "format_reward_start",
+                "format_reward_contains",
+                "clip_eps",
+                "clip_eps_high",
+                "log_ratio_clamp",
+                "kl_beta",
+                "kl_estimator",
+                "learning_rate",
+                "optimizer",
+                "updates_per_batch",
+                "advantage",
+                "reward",
+                "trajectory_correct_reward",
+                "trajectory_sig_scale",
+                "loss_aggregation",
+                "loss_norm_tokens",
+                "init_checkpoint",
+                "minibatches",
+                "grad_accum",
+                "max_grad_norm",
+                "weight_decay",
+                "eval_every",
+                "eval_cases",
+                "eval_split",
+                "seed",
+            )
+        ),
         "eval.temperature",
         "eval.max_new_tokens",
         "eval.repetition_penalty",
@@ -181,9 +251,7 @@ def git_commit() -> str:
 
 
 def _git(*args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=30, check=True
-    )
+    done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=30, check=True)
     return done.stdout.strip()
 
 
