@@ -17,7 +17,6 @@ from promed_jax.rl import step as step_lib
 from promed_jax.rl.losses import LossConfig
 from promed_jax.sampling.keys import row_keys
 from promed_jax.sharding import make_mesh
-from promed_jax.training.logprobs import token_logprobs
 
 
 def tiny_model(lora_rank: int = 8, seed: int = 0, perturb: bool = True):
@@ -37,8 +36,12 @@ def tiny_model(lora_rank: int = 8, seed: int = 0, perturb: bool = True):
 def sampled_rows(model, tokenizer, n=4, max_tokens=24):
     """n prompts of the tokenizer's chat template and the turns the sampler drew for them at T = 0.7."""
     backend = LocalBackend.from_model(model, tokenizer, max_batch=8)
-    prompts = [backend.encode([{"role": "user", "content": f"question {i}: the patient has a cough"}]) for i in range(n)]
-    turns = backend.sample_turns(prompts, max_tokens=max_tokens, temperature=0.7, keys=row_keys(3, [(i,) for i in range(n)]))
+    prompts = [
+        backend.encode([{"role": "user", "content": f"question {i}: the patient has a cough"}]) for i in range(n)
+    ]
+    turns = backend.sample_turns(
+        prompts, max_tokens=max_tokens, temperature=0.7, keys=row_keys(3, [(i,) for i in range(n)])
+    )
     model.inference_head = nnx.data(None)  # back to the tied head for training
     return prompts, turns
 
@@ -72,7 +75,9 @@ def test_logprobs_equal_the_samplers_and_the_reference_is_adapters_off():
     model, tokenizer = tiny_model()
     prompts, turns = sampled_rows(model, tokenizer)
     tokens, role, lengths = rows_of(prompts, turns, tokenizer.pad_token_id)
-    batch = step_lib.update_batch(tokens, role, lengths, np.zeros(role.shape, np.float32), pad_id=tokenizer.pad_token_id)
+    batch = step_lib.update_batch(
+        tokens, role, lengths, np.zeros(role.shape, np.float32), pad_id=tokenizer.pad_token_id
+    )
     up = updater(model, len(prompts), make_mesh((1,), ("data",)))
     out = up.logprobs(batch)
     for r, (p, s) in enumerate(zip(prompts, turns, strict=True)):

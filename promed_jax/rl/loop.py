@@ -396,8 +396,9 @@ def _run(config, workdir: str) -> pathlib.Path:
     with JsonlWriter(metrics_path) as writer, tqdm(total=grpo.steps, initial=done, desc="rl", unit="batch") as bar:
 
         def evaluate_if_due() -> None:
-            due = done == 0 or done % grpo.eval_every == 0 or done == grpo.steps
-            if grpo.eval_every > 0 and due and done not in evaluated and stage.held:
+            if grpo.eval_every == 0 or not stage.held or done in evaluated:
+                return
+            if done == 0 or done % grpo.eval_every == 0 or done == grpo.steps:
                 writer.write({"step": done, **stage.evaluate(done)})
                 evaluated.add(done)
 
