@@ -327,3 +327,88 @@ def test_per_row_keys_make_a_batch_equal_its_rows_alone(split):
 def test_wrong_number_of_keys_is_rejected(split):
     with pytest.raises(ValueError, match="one key per prompt"):
         generate(*split, ROW_PROMPTS[:3], ROW_CONFIG, row_keys(0, [(0,), (1,)]))
+
+
+def test_temperature_eos_and_stop_sequences_do_not_recompile(split):
+    """Three temperatures x two stop sets (and their EOS ids) run on the prefill and decode compiled once."""
+    base = SamplingConfig(max_new_tokens=8, temperature=0.5)
+    keys = row_keys(0, [(b,) for b in range(len(PROMPTS))])
+    generate(*split, PROMPTS, base, keys)
+    compiled = (sampler._prefill._cache_size(), sampler._decode._cache_size())
+    outputs = {}
+    for temperature in (0.3, 0.7, 1.3):
+        for stops in (((5, 6),), ((7,), (8, 9, 10))):
+            config = dataclasses.replace(base, temperature=temperature, stop_sequences=stops, eos_ids=(stops[0][0],))
+            outputs[temperature, stops] = generate(*split, PROMPTS, config, keys).tokens.tolist()
+    assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == compiled
+    assert outputs[0.3, ((5, 6),)] != outputs[1.3, ((5, 6),)]  # the temperature is read, not baked in
+
+
+# --- RL sampling settings: the penalty and the n-gram ban see the current turn only ------------------------
+
+RL = SamplingConfig(max_new_tokens=32, temperature=0.7, repetition_penalty=1.1, no_repeat_ngram_size=3)
+
+
+class ScriptModel(nnx.Module):
+    """Writes a fixed script by position, whatever the context: logit 30 for `script[p]` at position p (the
+    token to follow it), 15 for `fallback`, 0 elsewhere. Only the sampler's bans and penalties can stop it."""
+
+    def __init__(self, vocab: int, script: dict[int, int], fallback: int):
+        self.config = ModelConfig.tiny(vocab_size=vocab)
+        table = np.full(4096, fallback, np.int32)
+        for position, token in script.items():
+            table[position] = token
+        self.table = nnx.Variable(jnp.asarray(table))
+        self.fallback = fallback
+
+    def __call__(self, tokens, positions, mask, *, cache=None, cache_index=None, use_lora=True):
+        vocab = jnp.arange(self.config.vocab_size)
+        want = self.table[...][positions][..., None]
+        return jnp.where(vocab == want, 30.0, jnp.where(vocab == self.fallback, 15.0, 0.0)), cache
+
+
+def scripted_turn(tokenizer, messages, turn: str, *, penalize_prompt: bool) -> tuple[list[int], list[int]]:
+    """(what the script says, what the RL sampler wrote) for the doctor turn after `messages`."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = tokenizer(turn, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    model = ScriptModel(len(tokenizer), {len(prompt) - 1 + i: t for i, t in enumerate(want)}, fallback=0)
+    config = dataclasses.replace(RL, eos_ids=(tokenizer.eos_token_id,), penalize_prompt=penalize_prompt)
+    out = generate(*nnx.split(model), [prompt], config, row_keys(0, [(0,)]))
+    return want, out.sequences()[0]
+
+
+def test_second_turn_can_start_with_question():
+    from promed_jax.consult import protocol
+    from promed_jax.data import synthetic
+
+    tokenizer = build_tiny_tokenizer()
+    case = synthetic.make_cases(1, seed=3)[0]
+    messages = [
+        {"role": "user", "content": protocol.doctor_first_message(case)},
+        {"role": "assistant", "content": "question: Do you have a fever?"},
+        {"role": "user", "content": "Yes, since yesterday."},
+    ]
+    want, got = scripted_turn(tokenizer, messages, "question: Do you smoke?", penalize_prompt=False)
+    assert got == want
+    # Over the whole dialogue (transformers' semantics) the 3-gram `assistant \n question` is banned.
+    _, banned = scripted_turn(tokenizer, messages, "question: Do you smoke?", penalize_prompt=True)
+    assert banned[0] != want[0]
+
+
+def test_answer_can_carry_the_bracket_the_instruction_shows(smollm2_gguf):
+    """SmolLM2's tokenizer: `answer` is one token, so the turn's own `answer:` and `【answer:` share no 3-gram
+    (the tiny tokenizer splits it in two, and there the turn's first `answer:` bans the second)."""
+    from promed_jax.consult import protocol
+    from promed_jax.data import synthetic
+    from promed_jax.text.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf)
+    case = synthetic.make_cases(1, seed=3)[0]
+    messages = [{"role": "user", "content": protocol.doctor_first_message(case)}]
+    assert "【answer: X】" in messages[0]["content"]
+    turn = "answer: the fever points to A 【answer: A】"
+    want, got = scripted_turn(tokenizer, messages, turn, penalize_prompt=False)
+    assert got == want and protocol.parse_doctor_turn(tokenizer.decode(got[:-1]), case.options).letters == ("A",)
+    _, banned = scripted_turn(tokenizer, messages, turn, penalize_prompt=True)
+    assert "【answer:" not in tokenizer.decode(banned)
