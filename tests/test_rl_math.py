@@ -2,6 +2,7 @@
 degenerate group), KL estimators, the PPO-clip loss (both clip sides, every aggregation, the clamp), and
 gradients of the loss against central finite differences in float64, also through a tiny linear policy."""
 
+import functools
 import math
 
 import jax
@@ -31,8 +32,8 @@ CONFIG = RewardConfig()  # α = 2, β = 1, γ = 3, trajectory 4 and 2
 
 
 def _rewards(mode):
-    fn = registry.get("rl.reward", mode)
-    token, parts = fn(TURNS, TURN_IDS, ROLE, CORRECT, config=CONFIG)
+    fn = jax.jit(functools.partial(registry.get("rl.reward", mode), config=CONFIG))
+    token, parts = fn(TURNS, TURN_IDS, ROLE, CORRECT)
     return np.asarray(token), {k: np.asarray(v) for k, v in parts.items()}
 
 
@@ -108,7 +109,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_advantages_by_hand(name):
-    advantages, metrics = registry.get("rl.advantage", name)(R, M, G)
+    advantages, metrics = jax.jit(registry.get("rl.advantage", name))(R, M, G)
     np.testing.assert_allclose(np.asarray(advantages), EXPECTED[name], rtol=1e-5, atol=1e-6)
     assert float(metrics["equal_reward_share"]) == pytest.approx(1 / 3)  # group 2, whatever the estimator
 
@@ -117,14 +118,14 @@ def test_per_dialogue_advantages_of_three_and_of_one():
     r = np.array([[1.0], [2.0], [6.0], [5.0]], np.float32)
     m = np.ones((4, 1), bool)
     g = np.array([0, 0, 0, 1], np.int32)  # a group of three and a group of one
-    a, metrics = adv_lib.rloo(r, m, g)
+    a, metrics = jax.jit(adv_lib.rloo)(r, m, g)
     np.testing.assert_allclose(np.asarray(a)[:, 0], [1 - 4, 2 - 3.5, 6 - 1.5, 0])
-    a, _ = adv_lib.group_std(r, m, g)
+    a, _ = jax.jit(adv_lib.group_std)(r, m, g)
     np.testing.assert_allclose(np.asarray(a)[:, 0], np.array([-2, -1, 3, 0]) / [math.sqrt(7)] * [1, 1, 1, 0], rtol=1e-6)
     assert float(metrics["equal_reward_share"]) == pytest.approx(0.5)  # one row: all equal
     # groups need not be contiguous: interleaving the rows permutes the result
     order = np.array([3, 0, 2, 1])
-    a2, _ = adv_lib.group_std(r[order], m[order], g[order])
+    a2, _ = jax.jit(adv_lib.group_std)(r[order], m[order], g[order])
     np.testing.assert_allclose(np.asarray(a2), np.asarray(a)[order], rtol=1e-6)
 
 
@@ -146,8 +147,8 @@ K1 = {"a": -0.1, "b": 0.2, "c": 0.0, "d": -0.3}
 
 
 def _loss(**kw):
-    config = LossConfig(**kw)
-    total, denom, metrics = policy_loss(LOGPS, OLD, REF, ADV, MASK, config=config)
+    loss = jax.jit(functools.partial(policy_loss, config=LossConfig(**kw)))
+    total, denom, metrics = loss(LOGPS, OLD, REF, ADV, MASK)
     return float(total), float(denom), {k: float(v) for k, v in metrics.items()}
 
 
@@ -192,10 +193,41 @@ def test_the_log_ratio_clamp_stops_exponentials_and_their_gradient():
         total, denom, _ = policy_loss(x, old, None, adv, mask, config=config)
         return total / denom
 
-    assert float(loss(logps)) == pytest.approx(math.exp(20.0), rel=1e-5)
-    assert float(jax.grad(loss)(logps)[0, 0]) == 0.0
+    assert float(jax.jit(loss)(logps)) == pytest.approx(math.exp(20.0), rel=1e-5)
+    assert float(jax.jit(jax.grad(loss))(logps)[0, 0]) == 0.0
     with pytest.raises(ValueError, match="needs ref_logps"):
         policy_loss(logps, old, None, adv, mask, config=LossConfig())
+
+
+def test_kl_is_measured_without_its_penalty_and_padding_rows_change_nothing():
+    total, _, metrics = _loss(kl_beta=0.0, aggregation="token_mean")
+    assert total == pytest.approx(sum(PG.values()), rel=1e-6)
+    assert metrics["kl"] == pytest.approx(sum(K3.values()) / 4, rel=1e-5)
+
+    def pad(x):
+        return np.concatenate([x, np.zeros_like(x[:1])])
+
+    for aggregation in ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"):
+        loss = jax.jit(functools.partial(policy_loss, config=LossConfig(aggregation=aggregation)))
+        total, denom, _ = loss(LOGPS, OLD, REF, ADV, MASK)
+        padded, padded_denom, _ = loss(*map(pad, (LOGPS, OLD, REF, ADV, MASK)))
+        assert (float(padded), float(padded_denom)) == (pytest.approx(float(total)), float(denom))
+
+
+def test_values_off_the_mask_reach_neither_the_loss_nor_its_gradient():
+    junk = ~MASK
+    dirty = [np.where(junk, bad, x) for x, bad in ((LOGPS, -np.inf), (OLD, np.nan), (REF, np.inf), (ADV, np.nan))]
+
+    def f(logps, old, ref, adv):
+        total, denom, _ = policy_loss(logps, old, ref, adv, MASK, config=LossConfig())
+        return total / denom
+
+    value_and_grad = jax.jit(jax.value_and_grad(f))
+    clean, clean_grad = value_and_grad(LOGPS, OLD, REF, ADV)
+    value, grad = value_and_grad(*dirty)
+    assert float(value) == pytest.approx(float(clean))
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(clean_grad))
+    assert not np.asarray(grad)[junk].any()
 
 
 # --- gradients against central finite differences (float64) --------------------------------------------
@@ -268,3 +300,15 @@ def test_gradient_through_a_linear_policy_matches_finite_differences():
             return total / denom
 
         _fd_check(f, w0)
+
+
+def test_configs_from_the_grpo_section():
+    from configs import base
+
+    grpo = base.get_config().grpo
+    assert RewardConfig.from_config(grpo) == RewardConfig()  # the paper's values
+    assert LossConfig.from_config(grpo) == LossConfig()
+    assert LossConfig.from_config(grpo).eps_high == 0.1  # clip_eps_high = 0: the same as clip_eps
+    grpo.clip_eps_high, grpo.kl_estimator, grpo.loss_aggregation = 0.28, "none", "token_mean"
+    config = LossConfig.from_config(grpo)
+    assert (config.eps_high, config.kl_estimator, config.aggregation) == (0.28, "none", "token_mean")

@@ -14,7 +14,8 @@ micro-batches divides the summed losses by the summed denominators:
   sum = Σ_n mean_t loss, denominator = the number of such rows.
 - `token_mean`: sum = Σ_{n,t} loss, denominator = the number of doctor tokens.
 - `seq_mean_token_sum_norm`: each row's summed loss over a constant number of tokens, then the mean over
-  rows (Dr. GRPO's constant normaliser; no length bias): sum = Σ_{n,t} loss / C, denominator = N.
+  rows (Dr. GRPO's constant normaliser; no length bias): sum = Σ_{n,t} loss / C, denominator = the number of
+  rows that have doctor tokens (so that rows padding a batch to the mesh change nothing).
 
 The clamp makes a token whose log-ratio is outside ±c contribute no gradient through ρ (or r); it guards
 the exponentials against a stale `old_logps` row, not the ordinary update.
@@ -43,7 +44,7 @@ class LossConfig:
     Attributes:
       clip_eps: ε, the lower (and by default upper) clip range of the ratio.
       clip_eps_high: the upper clip range; None = clip_eps.
-      kl_beta: β_KL, the KL penalty's weight (0 switches it off, as `kl_estimator='none'` does).
+      kl_beta: β_KL, the KL penalty's weight (0 switches the penalty off; the KL is still measured).
       kl_estimator: a name registered under `rl.kl`.
       aggregation: a name registered under `rl.aggregation`.
       log_ratio_clamp: c, the bound of |log π − log π_old| and |log π_ref − log π| before exponentiating.
@@ -127,7 +128,7 @@ def seq_mean_token_sum_norm(
     per_token: jax.Array, mask: jax.Array, *, config: LossConfig
 ) -> tuple[jax.Array, jax.Array]:
     m = mask.astype(per_token.dtype)
-    return (per_token * m).sum() / config.norm_tokens, jnp.asarray(mask.shape[0], per_token.dtype)
+    return (per_token * m).sum() / config.norm_tokens, mask.any(axis=1).sum().astype(per_token.dtype)
 
 
 # --- the loss --------------------------------------------------------------------------------------------
@@ -158,19 +159,25 @@ def policy_loss(
     """
     chex.assert_rank([logps, mask], 2)
     chex.assert_equal_shape([logps, old_logps, advantages, mask])
-    use_kl = config.kl_estimator != "none" and config.kl_beta != 0
+    # The KL is measured whenever there is an estimator and a reference, and penalised when kl_beta != 0.
+    use_kl = config.kl_estimator != "none" and ref_logps is not None
+    if config.kl_estimator != "none" and config.kl_beta != 0 and ref_logps is None:
+        raise ValueError(f"kl_estimator {config.kl_estimator!r} with kl_beta={config.kl_beta} needs ref_logps")
     if use_kl:
-        if ref_logps is None:
-            raise ValueError(f"kl_estimator {config.kl_estimator!r} with kl_beta={config.kl_beta} needs ref_logps")
         chex.assert_equal_shape([logps, ref_logps])
     c = config.log_ratio_clamp
-    old_logps = jax.lax.stop_gradient(old_logps)
-    advantages = jax.lax.stop_gradient(advantages).astype(logps.dtype)
+    # Off the mask the inputs may hold anything (-inf, NaN): zeroed first, so neither the loss nor its
+    # gradient can pick it up.
+    logps = jnp.where(mask, logps, 0.0)
+    old_logps = jax.lax.stop_gradient(jnp.where(mask, old_logps, 0.0))
+    advantages = jax.lax.stop_gradient(jnp.where(mask, advantages, 0.0)).astype(logps.dtype)
+    if use_kl:
+        ref_logps = jax.lax.stop_gradient(jnp.where(mask, ref_logps, 0.0))
     ratio = jnp.exp(jnp.clip(logps - old_logps, -c, c))
     low, high = 1.0 - config.clip_eps, 1.0 + config.eps_high
     pg = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, low, high))
     kl_fn: Callable = registry.get(KL_KIND, config.kl_estimator if use_kl else "none")
-    kl = kl_fn(logps, jax.lax.stop_gradient(ref_logps) if use_kl else None, clamp=c)
+    kl = kl_fn(logps, ref_logps if use_kl else None, clamp=c)
     aggregate = registry.get(AGGREGATION_KIND, config.aggregation)
     total, denom = aggregate(pg + config.kl_beta * kl, mask, config=config)
 

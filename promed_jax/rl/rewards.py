@@ -18,9 +18,10 @@ Modes (`grpo.reward`):
   per-dialogue advantages `group_std` / `rloo` read back).
 
 Each mode is `reward(turns, turn_ids, role_mask, correct, *, config) -> (token_rewards float32[N, T], parts)`,
-where `parts` holds per-dialogue float32[N] metrics: `question` (Σ of the question-turn terms), `answer` (the
-answer-turn term), `format` (mean format reward per turn), `sig` (Σ SIG_k over questions) and `total` (Σ of
-the dialogue's token rewards). `shapley.weighting=uniform` (no Shapley weighting) changes the weights that
+where `parts` holds per-dialogue float32[N] metrics: `question` (Σ of the question-turn terms; for
+`trajectory` its information term s·Σ_i w_i c_i(T)), `answer` (the answer-turn term; for `trajectory`
+c·1[correct]), `format` (mean format reward per turn), `sig` (Σ SIG_k over questions) and `total` (Σ of the
+dialogue's token rewards). `outcome_only` reports `sig` and `question` as 0. `shapley.weighting=uniform` (no Shapley weighting) changes the weights that
 `turns.turn_arrays` computes SIG from, not these functions.
 """
 

@@ -26,7 +26,7 @@ import numpy as np
 from promed_jax.backends.base import ChatBackend
 from promed_jax.consult import protocol
 from promed_jax.consult.rollout import Dialogue, Rollout
-from promed_jax.errors import DataError
+from promed_jax.errors import CacheError, DataError
 from promed_jax.shapley import sig as sig_lib
 
 # Turn kinds as int codes; padding turns are OTHER with zero format reward and zero SIG.
@@ -142,6 +142,8 @@ def turn_arrays(
             runaway = t == k - 1 and d.end == protocol.END_RUNAWAY
             kind[row, t] = OTHER if cut[t] or runaway else _KIND_CODES[protocol.turn_kind(text)]
             fmt[row, t] = _format_reward(text, start=format_start, contains=format_contains)
+        if d.case.id not in weights:
+            raise CacheError(f"no fact weights for case {d.case.id}; run the shapley stage first")
         w = np.asarray(weights[d.case.id], dtype=np.float64)
         if w.shape != (d.case.n_facts,):
             raise DataError(f"case {d.case.id}: {w.shape[0]} fact weights for {d.case.n_facts} facts")
