@@ -160,10 +160,24 @@ def sft_config() -> ml_collections.ConfigDict:
     """The paper's SFT settings are unknown (promed.md §3); these are ours."""
     c = ml_collections.ConfigDict()
     c.learning_rate = 1e-5
-    c.batch_size = 4
+    c.batch_size = 4  # dialogues per optimizer step
+    c.grad_accum = 1  # microbatches per step (batch_size / grad_accum rows each); the loss divides by all tokens
     c.epochs = 2
-    c.max_tokens = 8192  # paper: tokens per dialogue
-    c.seed = 0
+    c.max_tokens = 8192  # paper: tokens per dialogue; longer dialogues are left out (counted)
+    c.buckets = (512, 1024, 2048, 4096)  # padded lengths (one compiled shape each), plus max_tokens
+    c.warmup_steps = 10  # linear warmup, then cosine decay to final_lr_fraction * learning_rate
+    c.final_lr_fraction = 0.1
+    c.weight_decay = 0.0  # AdamW, on matrices only
+    c.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.vocab_chunk = 8192  # vocabulary columns per block of the chunked log-softmax
+    c.eval_fraction = 0.1  # cases whose dialogues are held out for the eval loss (by a hash of the case id)
+    c.eval_every = 20  # steps between held-out evaluations (and at the end)
+    # 'naive': the scripted naive doctor's dialogues of the configured synthetic cases (the warm start);
+    # 'files': the dialogue files below (MCTS exports or any file of the export schema)
+    c.source = "naive"
+    c.dialogues = ()
+    c.naive_max_questions = 6  # the naive doctor asks 0..naive_max_questions random findings per case
+    c.seed = 0  # batch order, dropout keys and the naive doctor
     return c
 
 

@@ -1,4 +1,13 @@
-"""Stage 1b: SFT on the high-reward MCTS dialogues, loss on doctor tokens only (promed.md §3)."""
+"""Stage 1b: SFT on dialogues, loss on doctor tokens only (promed.md §3).
+
+Presets (the paper's SFT settings are unknown; these are ours):
+- tiny (default): the random tiny model, fully fine-tuned on the scripted naive doctor's dialogues of the
+  synthetic clinic: the CPU warm start that teaches a fresh model the protocol.
+- smollm: SmolLM2-135M-Instruct, LoRA (the paper's r = 8, alpha = 32 on q, v), the same warm start.
+- qwen7b / llama8b: LoRA in bfloat16 with remat, batch 16 in 4 microbatches, an fsdp mesh; point
+  `--config.sft.source=files --config.sft.dialogues="('<workdir>/mcts/<file>.jsonl',)"` at MCTS's selected
+  dialogues (the synthetic warm start is the default here too).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,27 @@ from configs import base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config(arg)
     c.mode = "sft"
+    # The naive doctor plays the synthetic clinic (sft.source='naive'); MCTS exports come with source='files'.
+    c.data.kind = "synthetic"
+    c.data.paths = ()
+    c.data.synthetic_n = 256
+    preset = arg or "tiny"
+    if preset == "tiny":
+        c.model.lora_rank = 0  # full fine-tuning: a random model must learn the whole protocol
+        c.sft.learning_rate = 1e-3
+        c.sft.batch_size = 8
+        c.sft.epochs = 3
+    elif preset == "smollm":
+        c.sft.learning_rate = 2e-4
+        c.sft.batch_size = 8
+        c.sft.epochs = 2
+    else:
+        c.sft.learning_rate = 1e-4
+        c.sft.batch_size = 16
+        c.sft.grad_accum = 4
+        c.sft.epochs = 2
+        c.mesh.shape = (1, -1)
+        c.mesh.axis_names = ("data", "fsdp")
     return c
 
 

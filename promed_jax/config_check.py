@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("shapley", "uniform")  # shapley.cache.load_weights
 SIG_MODES = ("exact", "paper")  # promed.md §2
 DTYPES = ("float32", "bfloat16")
+SFT_SOURCES = ("naive", "files")  # promed_jax.training.run.SOURCES
 
 
 def _number(value: Any) -> bool:
@@ -105,6 +106,18 @@ def boolean(value: Any) -> str | None:
 
 def finite(value: Any) -> str | None:
     return None if _number(value) else "must be a finite number"
+
+
+def positive_ints(value: Any) -> str | None:
+    ok = isinstance(value, tuple | list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    )
+    return None if ok else "must be a tuple of integers >= 1"
+
+
+def strings(value: Any) -> str | None:
+    ok = isinstance(value, tuple | list) and all(isinstance(v, str) and v.strip() for v in value)
+    return None if ok else "must be a tuple of non-empty strings"
 
 
 def http_url(value: Any) -> str | None:
@@ -210,8 +223,20 @@ RULES: Mapping[str, Rule] = {
     "mcts.require_correct": boolean,
     "sft.learning_rate": POSITIVE,
     "sft.batch_size": POSITIVE_INT,
+    "sft.grad_accum": POSITIVE_INT,  # divides sft.batch_size (check_sft)
     "sft.epochs": POSITIVE_INT,
     "sft.max_tokens": POSITIVE_INT,
+    "sft.buckets": positive_ints,
+    "sft.warmup_steps": COUNT,
+    "sft.final_lr_fraction": within(0, 1),
+    "sft.weight_decay": NONNEGATIVE,
+    "sft.max_grad_norm": NONNEGATIVE,
+    "sft.vocab_chunk": POSITIVE_INT,
+    "sft.eval_fraction": within(0, 1, high_open=True),
+    "sft.eval_every": POSITIVE_INT,
+    "sft.source": one_of(SFT_SOURCES),
+    "sft.dialogues": strings,  # non-empty with sft.source='files' (check_sft)
+    "sft.naive_max_questions": COUNT,
     "sft.seed": SEED,
     "grpo.num_generations": POSITIVE_INT,
     "grpo.batch_cases": POSITIVE_INT,
@@ -323,6 +348,16 @@ def check_grpo(grpo: Mapping[str, Any]) -> None:
         )
 
 
+def check_sft(sft: Mapping[str, Any]) -> None:
+    if sft["batch_size"] % sft["grad_accum"]:
+        raise _fail("sft.batch_size", f"must be a multiple of sft.grad_accum={sft['grad_accum']}", sft["batch_size"])
+    if sft["source"] == "files" and not sft["dialogues"]:
+        raise ConfigError("config sft.source='files' needs sft.dialogues (dialogue files of the export schema)")
+    for path in sft["dialogues"] if sft["source"] == "files" else ():
+        if not pathlib.Path(path).expanduser().is_file():
+            raise ConfigError(f"config sft.dialogues: no such file {path!r}")
+
+
 def check_mesh(mesh: Mapping[str, Any]) -> None:
     """Sizes and names a mesh can be built from (`sharding.make_mesh`), on this process's devices."""
     import jax
@@ -372,5 +407,6 @@ def check_run(config: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
     check_model(config["model"])
     check_shapley(config["shapley"])
     check_grpo(config["grpo"])
+    check_sft(config["sft"])
     check_mesh(config["mesh"])
     output_dir(workdir, "eval", config["eval"]["run"], key="eval.run")

@@ -29,10 +29,11 @@ if str(REPO_ROOT) not in sys.path:
 STAGES: dict[str, str] = {
     "data": "promed_jax.data.stats:run",
     "shapley": "promed_jax.shapley.run:run",
+    "sft": "promed_jax.training.run:run",
     "rl": "promed_jax.rl.loop:run",
     "eval": "promed_jax.evaluation.evaluate:run",
 }
-LATER = {"mcts": "MCTS (stage 1)", "sft": "SFT (stage 1)"}
+LATER = {"mcts": "MCTS (stage 1)"}
 PIPELINE = ("data", "shapley", "mcts", "sft", "rl", "eval")
 EXIT_BAD_INPUT = 1
 EXIT_NOT_BUILT = 2

@@ -30,6 +30,11 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
   (`consult.max_questions`); the patient (`patient.*`, `backend.model`, `backend.temperature`); the doctor's
   decoding (`sampling.top_p`, `top_k`, `max_dialogue_tokens`; `eval.temperature`, `max_new_tokens`,
   `repetition_penalty`, `no_repeat_ngram_size`, `seed`).
+- sft: model numerics and LoRA settings (rank, alpha, dropout, targets: what is trained); what the naive
+  doctor's dialogues depend on (`data.initial_info`, `consult.max_questions`, the fact_select patient's
+  `patient.kind`, `threshold`, `max_facts`); every `sft.*` field that changes the trained parameters. Not
+  `sft.vocab_chunk` (chunking) nor `sft.eval_every` (when the eval loss is logged); `ckpt.*` and `mesh` change
+  where and how often, not what. The weights hash is the model the run starts from.
 - rl: model numerics and LoRA settings; the protocol, the patient and the judge; the Shapley weighting and SIG
   mode (the weights themselves are the cache's, checked per case); the rollouts' decoding (`sampling.*` but
   its seed: rollout keys come from `grpo.seed`); every `grpo.*` field but `vocab_chunk` (chunking only); the
@@ -100,6 +105,33 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "eval.no_repeat_ngram_size",
         "eval.seed",
     ),
+    "sft": (
+        *_MODEL_NUMERICS,
+        "model.lora_rank",
+        "model.lora_alpha",
+        "model.lora_dropout",
+        "model.lora_targets",
+        "data.initial_info",
+        "consult.max_questions",
+        "patient.kind",
+        "patient.threshold",
+        "patient.max_facts",
+        "sft.learning_rate",
+        "sft.batch_size",
+        "sft.grad_accum",
+        "sft.epochs",
+        "sft.max_tokens",
+        "sft.buckets",
+        "sft.warmup_steps",
+        "sft.final_lr_fraction",
+        "sft.weight_decay",
+        "sft.max_grad_norm",
+        "sft.eval_fraction",
+        "sft.source",
+        "sft.dialogues",
+        "sft.naive_max_questions",
+        "sft.seed",
+    ),
     "rl": (
         *_MODEL_NUMERICS,
         "model.lora_rank",
@@ -124,42 +156,37 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "sampling.repetition_penalty",
         "sampling.no_repeat_ngram_size",
         "sampling.max_dialogue_tokens",
-        *(
-            f"grpo.{name}"
-            for name in (
-                "num_generations",
-                "batch_cases",
-                "steps",
-                "alpha",
-                "beta",
-                "gamma",
-                "format_reward_start",
-                "format_reward_contains",
-                "clip_eps",
-                "clip_eps_high",
-                "log_ratio_clamp",
-                "kl_beta",
-                "kl_estimator",
-                "learning_rate",
-                "optimizer",
-                "updates_per_batch",
-                "advantage",
-                "reward",
-                "trajectory_correct_reward",
-                "trajectory_sig_scale",
-                "loss_aggregation",
-                "loss_norm_tokens",
-                "init_checkpoint",
-                "minibatches",
-                "grad_accum",
-                "max_grad_norm",
-                "weight_decay",
-                "eval_every",
-                "eval_cases",
-                "eval_split",
-                "seed",
-            )
-        ),
+        "grpo.num_generations",
+        "grpo.batch_cases",
+        "grpo.steps",
+        "grpo.alpha",
+        "grpo.beta",
+        "grpo.gamma",
+        "grpo.format_reward_start",
+        "grpo.format_reward_contains",
+        "grpo.clip_eps",
+        "grpo.clip_eps_high",
+        "grpo.log_ratio_clamp",
+        "grpo.kl_beta",
+        "grpo.kl_estimator",
+        "grpo.learning_rate",
+        "grpo.optimizer",
+        "grpo.updates_per_batch",
+        "grpo.advantage",
+        "grpo.reward",
+        "grpo.trajectory_correct_reward",
+        "grpo.trajectory_sig_scale",
+        "grpo.loss_aggregation",
+        "grpo.loss_norm_tokens",
+        "grpo.init_checkpoint",
+        "grpo.minibatches",
+        "grpo.grad_accum",
+        "grpo.max_grad_norm",
+        "grpo.weight_decay",
+        "grpo.eval_every",
+        "grpo.eval_cases",
+        "grpo.eval_split",
+        "grpo.seed",
         "eval.temperature",
         "eval.max_new_tokens",
         "eval.repetition_penalty",
@@ -251,7 +278,9 @@ def git_commit() -> str:
 
 
 def _git(*args: str) -> str:
-    done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=30, check=True
+    )
     return done.stdout.strip()
 
 

@@ -353,6 +353,22 @@ class Transformer(nnx.Module):
         Without a cache S == T. With a cache of S slots the new keys/values go to slots
         `[cache_index, cache_index + T)` of every row and the queries attend all S slots under `mask`.
         """
+        x, cache = self.hidden_states(tokens, positions, mask, cache=cache, cache_index=cache_index, use_lora=use_lora)
+        logits = jnp.dot(x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits, cache
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        *,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
+        use_lora: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """As `__call__`, but the final normed hidden states `[B, T, D]` (compute dtype) instead of the logits,
+        for losses that apply the head in vocabulary chunks (`promed_jax.training.logprobs`)."""
         cfg = self.config
         if (cache is None) != (cache_index is None):
             raise ValueError("pass cache and cache_index together")
@@ -377,9 +393,7 @@ class Transformer(nnx.Module):
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-        x = self.norm(x)
-        logits = jnp.dot(x, self.head_kernel().astype(x.dtype), preferred_element_type=jnp.float32)
-        return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+        return self.norm(x), (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
 
 
 def from_weights(cfg: ModelConfig, weights: Mapping[str, jax.Array]) -> Transformer:

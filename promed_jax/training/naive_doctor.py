@@ -1,0 +1,118 @@
+"""The scripted naive doctor of the synthetic clinic: the warm start that teaches a fresh model the protocol.
+
+It reads only the dialogue text and the disease table (`data.synthetic`: DISEASES, FINDINGS), never the
+case. Per case it draws, from (seed, the case's first message), a number of questions in
+[0, max_questions] and an order of the findings other than the complaint, relevant and irrelevant alike; it
+asks about them in that order ("question: Is it true that the patient has a fever?", which the fact_select
+patient answers verbatim), then answers by the table: an option whose disease explains every finding heard
+and none of those denied, drawn among the ones left. So it speaks the protocol but asks at random, and
+its accuracy is what chance questions buy (about 0.6 at 6 questions; `experiments` and the SFT stage's log
+report it). `write_dialogues` writes its consultations in the dialogue export schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from promed_jax.backends.base import Message
+from promed_jax.consult.patients import Patient
+from promed_jax.consult.rollout import Dialogue, consult
+from promed_jax.data import synthetic
+from promed_jax.data.cases import Case
+from promed_jax.io import JsonlWriter, atomic_path
+
+KIND = "naive"
+_OPTION = re.compile(r"^([A-H]): (.+)$", re.MULTILINE)
+
+
+def finding_question(finding: synthetic.Finding) -> str:
+    """A question in the words of the finding's fact (the fact_select patient's retrieval is lexical)."""
+    return f"Is it true that {finding.fact[0].lower()}{finding.fact[1:].rstrip('.')}?"
+
+
+_QUESTION_TO_FINDING = {f"question: {finding_question(f)}": name for name, f in synthetic.FINDINGS.items()}
+
+
+class NaiveDoctor:
+    """A `ChatBackend` that plays the naive doctor (see the module doc)."""
+
+    def __init__(self, *, seed: int, max_questions: int):
+        self.seed = seed
+        self.max_questions = max_questions
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: Sequence[str] = (),
+    ) -> list[str]:
+        return [self._turn(list(c)) for c in conversations]
+
+    def _rng(self, first_message: str) -> np.random.Generator:
+        digest = int.from_bytes(hashlib.sha256(first_message.encode()).digest()[:8], "big")
+        return np.random.default_rng([self.seed, digest])
+
+    def _turn(self, messages: list[Message]) -> str:
+        first = messages[0]["content"]
+        options = dict(_OPTION.findall(first))
+        complaint = next(name for name, f in synthetic.FINDINGS.items() if f"because of {f.complaint}." in first)
+        rng = self._rng(first)
+        n_questions = int(rng.integers(0, self.max_questions + 1))
+        others = sorted(set(synthetic.FINDINGS) - {complaint})
+        order = [others[i] for i in rng.permutation(len(others))]
+        asked = sum(m["role"] == "assistant" for m in messages)
+        if asked < n_questions:
+            return "question: " + finding_question(synthetic.FINDINGS[order[asked]])
+        present, absent = {complaint}, set()
+        for question, reply in zip(messages[1::2], messages[2::2], strict=False):
+            name = _QUESTION_TO_FINDING[question["content"]]
+            (present if synthetic.FINDINGS[name].fact in reply["content"] else absent).add(name)
+        alive = [
+            letter
+            for letter, disease in sorted(options.items())
+            if synthetic.fits(disease, present) and not absent & synthetic.DISEASES[disease]
+        ] or sorted(options)
+        letter = alive[int(rng.integers(len(alive)))]
+        heard = ", ".join(synthetic.FINDINGS[f].complaint for f in sorted(present))
+        return f"answer: {heard} fit {options[letter]}. 【answer: {letter}】"
+
+
+def dialogue_record(d: Dialogue, *, seed: int, max_questions: int) -> dict:
+    """One line of the dialogue export schema."""
+    return {
+        "case_id": d.case.id,
+        "fingerprint": d.case.fingerprint,
+        "messages": [dict(m) for m in d.messages],
+        "letters": list(d.letters),
+        "correct": d.correct,
+        "end": d.end,
+        "policy": {"kind": KIND, "seed": seed, "max_questions": max_questions},
+        "search": {"kind": "none"},
+        "llm_calls": {"doctor_turns": 0, "patient_replies": d.n_questions},
+    }
+
+
+def write_dialogues(
+    cases: Sequence[Case],
+    patient: Patient,
+    path: str | pathlib.Path,
+    *,
+    seed: int,
+    max_questions: int,
+    protocol_max_questions: int,
+) -> list[dict]:
+    """Consults every case with the naive doctor and writes the file whole (atomically); returns its records."""
+    doctor = NaiveDoctor(seed=seed, max_questions=min(max_questions, protocol_max_questions))
+    dialogues = consult(cases, doctor, patient, mode="proactive", max_questions=protocol_max_questions)
+    records = [dialogue_record(d, seed=seed, max_questions=max_questions) for d in dialogues]
+    with atomic_path(path) as tmp, JsonlWriter(tmp) as writer:
+        for record in records:
+            writer.write(record)
+    return records

@@ -1,0 +1,280 @@
+"""SFT: chunked log-probs against the full log-softmax, the step's accumulation, masking and LoRA freezing, the
+dialogue reader, the naive doctor, and a tiny model that learns its trained turns (greedy decoding replays them)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from promed_jax.errors import DataError
+from promed_jax.models import ModelConfig, Transformer
+from promed_jax.models.lora import BASE_PARAMS, LoRAParam
+from promed_jax.sharding import make_mesh
+from promed_jax.training import data as data_lib
+from promed_jax.training import state as S
+from promed_jax.training.logprobs import chunk_width, token_logprobs
+from promed_jax.training.sft import make_sft_loss
+
+CFG = ModelConfig.tiny(vocab_size=97, tie_word_embeddings=True)
+CHUNK = 40  # 97 columns: three blocks, the last padded
+
+
+def _model(cfg=CFG, seed=0):
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def _batch(rows=8, t=16, seed=0, microbatches=1):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (rows, t)).astype(np.int32)
+    lengths = rng.integers(t // 2, t + 1, rows)
+    valid = np.arange(t)[None] < lengths[:, None]
+    weights = valid & (rng.random((rows, t)) < 0.5)
+    targets = np.where(valid, np.roll(tokens, -1, axis=1), 0).astype(np.int32)
+    shape = (microbatches, rows // microbatches, t)
+    return {
+        k: v.reshape(shape)
+        for k, v in {"tokens": tokens, "targets": targets, "weights": weights, "valid": valid}.items()
+    }
+
+
+@pytest.mark.parametrize("vocab,chunk", [(97, 40), (96, 40), (7, 64)])
+def test_chunked_logprobs_equal_the_full_log_softmax(vocab, chunk):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(k1, (3, 5, 8)) * 3
+    head = jax.random.normal(k2, (8, vocab))
+    targets = jax.random.randint(k3, (3, 5), 0, vocab)
+
+    def full(h, w):
+        logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w), axis=-1)
+        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    def chunked(h, w):
+        return token_logprobs(h, w, targets, chunk=chunk)
+
+    np.testing.assert_allclose(chunked(hidden, head), full(hidden, head), atol=1e-5)
+    g_full = jax.grad(lambda h, w: full(h, w).sum(), argnums=(0, 1))(hidden, head)
+    g_chunk = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(hidden, head)
+    for a, b in zip(g_chunk, g_full, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_chunk_width_prefers_a_divisor():
+    assert chunk_width(49152, 8192) == 8192
+    assert chunk_width(97, 40) == 40  # 97 is prime: padded
+    assert chunk_width(96, 40) == 32 and chunk_width(7, 64) == 7
+
+
+def _grad_fn(model, *, lora=False):
+    """batch -> (loss, gradient of the mean), jitted once."""
+    graphdef, params, frozen = S.split_for_training(model, lora=lora)
+
+    @jax.jit
+    def grads(batch):
+        total, count, g, _ = S.accumulate(make_sft_loss(CHUNK), graphdef, params, frozen, batch, jax.random.key(0))
+        return total / count, jax.tree.map(lambda x: x / count, g)
+
+    return grads
+
+
+def test_labels_outside_the_doctor_mask_change_nothing():
+    model = _model()
+    batch = _batch()
+    other = dict(batch)
+    noise = np.random.default_rng(1).integers(0, CFG.vocab_size, batch["targets"].shape).astype(np.int32)
+    other["targets"] = np.where(batch["weights"], batch["targets"], noise)
+    assert (other["targets"] != batch["targets"]).any()
+    grads = _grad_fn(model)
+    loss_a, grads_a = grads(batch)
+    loss_b, grads_b = grads(other)
+    assert float(loss_a) == float(loss_b)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grads_a, grads_b)
+
+
+def test_four_microbatches_equal_one_batch():
+    grads = _grad_fn(_model())
+    loss_1, grads_1 = grads(_batch(microbatches=1))
+    loss_4, grads_4 = grads(_batch(microbatches=4))
+    np.testing.assert_allclose(loss_4, loss_1, rtol=0, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), grads_4, grads_1)
+
+
+def _steps(model, batch, *, lora, n=3, mesh=None, lr=1e-2):
+    opt = S.OptimizerConfig(learning_rate=lr, total_steps=n, warmup_steps=0)
+    tx = S.make_optimizer(opt)
+    graphdef, params, frozen = S.split_for_training(model, lora=lora)
+    mesh = mesh or make_mesh((1,), ("data",))
+    state = S.place_state(S.init_state(params, frozen, tx, seed=0), mesh)
+    step = S.compile_step(
+        S.make_train_step(make_sft_loss(CHUNK), graphdef, tx, S.schedule(opt)), state, mesh, batch["tokens"].shape[1]
+    )
+    losses = []
+    for _ in range(n):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return graphdef, state, losses
+
+
+def test_lora_training_leaves_every_base_parameter_bit_identical():
+    model = _model(CFG.replace(lora_rank=4, lora_dropout=0.1))
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, BASE_PARAMS))}
+    graphdef, state, losses = _steps(model, _batch(), lora=True)
+    trained = nnx.merge(graphdef, state.params, state.frozen)
+    after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(trained, BASE_PARAMS))}
+    assert before.keys() == after.keys()
+    for k, value in before.items():
+        assert value.tobytes() == after[k].tobytes(), k
+    # only adapters are trained and hold optimizer moments; they did move
+    params = jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert params and all(isinstance(v, LoRAParam) for v in params)
+    n_adapter = sum(np.size(v) for v in jax.tree.leaves(state.params))
+    n_moments = sum(np.size(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    assert n_moments == 2 * n_adapter
+    assert any(
+        np.abs(np.asarray(v)).sum() > 0 for k, v in nnx.to_flat_state(nnx.state(trained, LoRAParam)) if k[-1] == "b"
+    )
+    assert losses[-1] < losses[0]
+
+
+def test_sharded_step_matches_one_device():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    batch = _batch(rows=8)
+    _, _, single = _steps(_model(), batch, lora=False, n=2)
+    mesh = make_mesh((2, 4), ("data", "fsdp"))
+    _, state, sharded = _steps(_model(), batch, lora=False, n=2, mesh=mesh)
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
+    # the embedding really is split over fsdp and the batch over data x fsdp
+    embed = state.params["embed"][...]
+    assert embed.addressable_shards[0].data.shape == (CFG.vocab_size, CFG.hidden_size // 4)
+    assert S.batch_sharding(mesh, 8).spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+
+
+# --- the dialogue file reader -----------------------------------------------------------------------------
+
+
+GOOD = {
+    "case_id": "synthetic:0",
+    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "question: x?"}],
+}
+
+
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"messages": GOOD["messages"]}, "line 2: field 'case_id': missing"),
+        ({**GOOD, "messages": GOOD["messages"][:1]}, "field 'messages': needs at least one assistant turn"),
+        ({**GOOD, "messages": GOOD["messages"][::-1]}, "field 'messages[0].role': must be 'user'"),
+        ({**GOOD, "messages": [{"role": "user", "content": 3}]}, "field 'messages[0].content': must be a string"),
+        ({**GOOD, "reward": "high"}, "field 'reward': must be int or float, got str"),
+        ({**GOOD, "correct": 1}, "field 'correct': must be bool, got int"),
+        ({**GOOD, "turn_sig": [0.1, "x"]}, "field 'turn_sig': holds 'x'"),
+    ],
+)
+def test_a_bad_dialogue_line_is_one_error_naming_file_line_and_field(tmp_path, record, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match="d.jsonl: line 2") as e:
+        data_lib.read_dialogues(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    examples = [
+        data_lib.Example("c", np.zeros(n, np.int32), np.zeros(n, np.int32), np.ones(n, bool))
+        for n in (10, 20, 30, 300, 310, 320, 330)
+    ]
+    lengths = data_lib.bucket_lengths((64, 128), 512)
+    assert lengths == (64, 128, 512)
+    plan = data_lib.epoch_plan(examples, lengths, 2, seed=0, epoch=0)
+    assert plan == data_lib.epoch_plan(examples, lengths, 2, seed=0, epoch=0)
+    assert plan != data_lib.epoch_plan(examples, lengths, 2, seed=0, epoch=1)
+    assert len(plan) == data_lib.batches_per_epoch(examples, lengths, 2) == 4
+    assert sorted(i for _, rows in plan.batches for i in rows) == list(range(7))
+    for length, rows in plan.batches:  # one bucket per batch, the smallest that holds every row
+        assert {data_lib.bucket_of(examples[i].length, lengths) for i in rows} == {length}
+
+
+# --- learning: a tiny model on the naive doctor's dialogues -------------------------------------------------
+
+
+def test_naive_doctor_speaks_the_protocol_and_answers_by_the_table(tmp_path):
+    from promed_jax.consult.patients import FactSelectPatient
+    from promed_jax.data import synthetic
+    from promed_jax.training.naive_doctor import write_dialogues
+
+    path = tmp_path / "naive.jsonl"
+    records = write_dialogues(
+        synthetic.make_cases(200, seed=5), FactSelectPatient(), path, seed=0, max_questions=6, protocol_max_questions=10
+    )
+    assert data_lib.read_dialogues(path) == records
+    assert all(r["end"] == "answer" and r["policy"]["kind"] == "naive" for r in records)
+    questions = [r["llm_calls"]["patient_replies"] for r in records]
+    assert set(questions) == set(range(7))  # 0..6 random questions
+    # relevant and irrelevant alike: some questions reveal a fact, most do not
+    replies = [m["content"] for r in records for m in r["messages"][2::2]]
+    revealed = sum(not c.startswith("Sorry") for c in replies) / len(replies)
+    assert 0.05 < revealed < 0.5
+    accuracy = np.mean([r["correct"] for r in records])
+    assert 0.35 < accuracy < 0.9  # better than chance (1/4) by the table, worse than asking well (1.0)
+
+
+def test_a_tiny_model_learns_its_trained_turns_and_greedy_decoding_replays_them(tmp_path):
+    from promed_jax.backends.local import LocalBackend
+    from promed_jax.consult.patients import FactSelectPatient
+    from promed_jax.data import synthetic
+    from promed_jax.text.tokenizer import build_tiny_tokenizer
+    from promed_jax.training.naive_doctor import write_dialogues
+    from promed_jax.training.run import Trainer
+
+    tokenizer = build_tiny_tokenizer()
+    path = tmp_path / "naive.jsonl"
+    write_dialogues(
+        synthetic.make_cases(2, seed=1), FactSelectPatient(), path, seed=0, max_questions=1, protocol_max_questions=10
+    )
+    records = data_lib.read_dialogues(path)
+    pad = tokenizer.pad_token_id
+    examples = [data_lib.render_example(tokenizer, r, pad) for r in records]
+    lengths = (max(ex.length for ex in examples),)
+    sft = {
+        "batch_size": 2,
+        "grad_accum": 1,
+        "seed": 0,
+        "epochs": 60,
+        "learning_rate": 3e-3,
+        "warmup_steps": 0,
+        "final_lr_fraction": 1.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "vocab_chunk": 512,
+    }
+    model = Transformer(ModelConfig.tiny(vocab_size=len(tokenizer)), rngs=nnx.Rngs(0))
+    trainer = Trainer(
+        model, examples, sft=sft, lora=False, mesh=make_mesh((1,), ("data",)), pad_id=pad, lengths=lengths
+    )
+    batch = data_lib.collate(examples, lengths[0], 2, 1, pad)
+    predict = jax.jit(
+        lambda params, frozen: nnx.merge(trainer.graphdef, params, frozen)(
+            batch["tokens"][0],
+            jnp.cumsum(batch["valid"][0], 1) - 1,
+            jnp.tril(jnp.ones((lengths[0],) * 2, bool))[None] & batch["valid"][0][:, None, :],
+        )[0].argmax(-1)
+    )
+    first = trainer.eval_loss(examples)
+    losses = []
+    for _ in range(trainer.total_steps):
+        losses.append(trainer.step()["loss"])
+        guess = np.asarray(predict(trainer.state.params, trainer.state.frozen))
+        if (guess == batch["targets"][0])[batch["weights"][0]].all():
+            break
+    else:
+        pytest.fail(f"doctor tokens not reproduced after {len(losses)} steps; losses {losses[::10]}")
+    assert trainer.eval_loss(examples) < 0.1 * first
+    # teacher-forced argmax on every doctor token is greedy decoding; replay the turns with the sampler
+    doctor = LocalBackend.from_model(trainer.model(), tokenizer)
+    for r in records:
+        turns = [k for k, m in enumerate(r["messages"]) if m["role"] == "assistant"]
+        replies = doctor.chat([r["messages"][:k] for k in turns], max_tokens=64, temperature=0.0)
+        assert replies == [r["messages"][k]["content"] for k in turns]
