@@ -15,9 +15,11 @@ a Stage 1 workdir / sft folder holding one; '' takes `{workdir}/sft/model` when 
 else the `model` section's model. Fresh LoRA adapters go on top (`model.lora_rank` > 0), and the reference
 is that model with the adapters off; `model.lora_rank = 0` trains every weight against a frozen copy.
 
-Keys. Batch b's sampler keys are the local backend's (prompt hash, per-prompt count) keys under the seed
-`row_key`-word of (grpo.seed, "rl", b), with a fresh backend per batch: the same whether or not the run
-was resumed. Dropout keys come from the train state (seed, optimizer step).
+Token in, token out: the doctor is our model (`backends.local`), so rollouts keep the ids it sampled
+(`consult.rollout`); the old log-probs are recomputed by the log-prob pass (dropout off) and their largest
+gap to the sampler's is logged (`sampler_logp_gap`). Keys: doctor turn k of sample g of a case in batch b is
+drawn with `row_key(grpo.seed, "rl", b, case id, g, k)`, the same whether or not the run was resumed;
+dropout keys come from the train state (seed, optimizer step).
 
 Outputs under `{workdir}/rl/`: `metrics.jsonl` (one line per rollout batch, `step` = batches done: every
 reward part, accuracy, questions per dialogue, SIG per question, the share of questions whose reply revealed
@@ -51,7 +53,6 @@ from promed_jax.rl import step as step_lib
 from promed_jax.rl.losses import LossConfig
 from promed_jax.rl.rewards import RewardConfig
 from promed_jax.rl.turns import QUESTION, paper_coverages, turn_arrays
-from promed_jax.sampling.keys import part_word
 from promed_jax.text.prompts import DOCTOR_PROMPT_VERSION
 
 STAGE = "rl"
@@ -218,9 +219,7 @@ class Stage2:
             sampling.update(seed=ev.seed, max_batch=ev.batch_size)
         else:
             grpo = self.config.grpo
-            sampling.update(
-                seed=part_word(f"rl/{grpo.seed}/{batch}"), max_batch=grpo.batch_cases * grpo.num_generations
-            )
+            sampling.update(seed=grpo.seed, max_batch=grpo.batch_cases * grpo.num_generations)
         model = self.updater.policy_model()
         if not use_lora and self.updater.ref_params is not None:
             from flax import nnx
@@ -244,6 +243,8 @@ class Stage2:
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             max_dialogue_tokens=sampling.max_dialogue_tokens,
+            seed=grpo.seed,
+            step=batch,
         )
 
     def rewards(self, rollout: Rollout) -> tuple[np.ndarray, Any, dict, dict]:
@@ -258,7 +259,9 @@ class Stage2:
             format_start=grpo.format_reward_start,
             format_contains=grpo.format_reward_contains,
             coverages=coverages,
-            truncated=getattr(rollout, "truncated", None),
+            truncated=[(~d.tokens.stopped).tolist() for d in rollout.dialogues]
+            if all(d.tokens is not None for d in rollout.dialogues)
+            else None,
         )
         reward_fn = registry.get("rl.reward", grpo.reward)
         tokens, parts = reward_fn(
@@ -277,7 +280,11 @@ class Stage2:
         advantages, turns, parts, adv_metrics = self.rewards(rollout)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         arrays = step_lib.update_batch(rollout.tokens, rollout.role_mask, rollout.lengths, advantages, pad_id=pad_id)
-        update, _ = self.updater.update(arrays, batch_index=batch)
+        update, extra = self.updater.update(arrays, batch_index=batch)
+        if rollout.logprobs is not None:  # the sampler's log-probs, target-aligned as the pass's
+            w = arrays["weights"][:, : rollout.tokens.shape[1] - 1]
+            gap = np.abs(extra["old_logps"][:, : w.shape[1]] - rollout.logprobs[:, 1:])[w]
+            update["sampler_logp_gap"] = float(gap.max()) if gap.size else 0.0
         record = {"step": batch + 1, "optimizer_steps": int(jax.device_get(self.updater.state.step))}
         record.update(rollout_metrics(rollout, turns, parts, adv_metrics))
         record.update(update)
