@@ -22,8 +22,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN = textwrap.dedent(
     """
     import sys
+
+    import jax.numpy as jnp
+
     from configs import rl
-    from promed_jax import main
+    from promed_jax import main, registry
+    from promed_jax.rl import rewards
+
+
+    # The random tiny doctor writes no protocol marker, so every paper reward is 0 and nothing would train.
+    # This reward pays the doctor's even token ids, so advantages differ and every batch moves the adapters.
+    @registry.register("rl.reward", "test_even_ids")
+    def even_ids(turns, turn_ids, role_mask, correct, *, config):
+        token, parts = rewards.distributed(turns, turn_ids, role_mask, correct, config=config)
+        return token + jnp.where(role_mask, (turn_ids * 7 + jnp.arange(role_mask.shape[1])) % 2, 0.0), parts
+
     from promed_jax.data.sources import cases_from_config
     from promed_jax.io import JsonlWriter
     from promed_jax.shapley.cache import ShapleyRecord, cache_path
@@ -37,6 +50,8 @@ RUN = textwrap.dedent(
     c.grpo.num_generations = 2
     c.grpo.eval_every = 0
     c.grpo.learning_rate = 1e-2  # large enough that every batch moves the adapters
+    c.grpo.reward = "test_even_ids"
+    c.grpo.updates_per_batch = 2
     c.sampling.max_new_tokens = 8
     c.consult.max_questions = 1
     c.ckpt.every_steps = 1
@@ -99,7 +114,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    assert _checkpoints(killed) and max(_checkpoints(killed)) < 3, "the run was not killed mid-way"
+    assert _checkpoints(killed) and max(_checkpoints(killed)) < 6, "the run was not killed mid-way"  # 3 x 2 steps
     assert not (killed / "rl" / "model").exists()
     _finish(_start(killed, cache))
 
@@ -108,7 +123,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_parameters(tmp_path):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     metrics = [line for line in (killed / "rl" / "metrics.jsonl").read_text().splitlines() if line]
-    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3]
+    records = [json.loads(line) for line in metrics]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["grad_norm"] > 1e-3 and r["kl_last"] > 0 for r in records)  # the parameters moved
 
 
 def test_batch_cases_cover_each_epoch_once_and_depend_on_the_batch_alone():

@@ -193,8 +193,7 @@ class Stage2:
     workdir: pathlib.Path
     updater: step_lib.GrpoUpdater
     tokenizer: Any
-    patient: Any
-    judge: Any
+    remote: Any  # the OpenAI-compatible server of patient.kind='openai' (patient and judge), or None
     train: list[Case]
     held: list[Case]
     weights: Mapping[str, np.ndarray]
@@ -230,13 +229,24 @@ class Stage2:
             backend.sampling = dataclasses.replace(backend.sampling, use_lora=False)
         return backend
 
+    def reference(self):
+        """The frozen start model (adapters off, or the frozen copy) as a backend, the LLM patient and the
+        paper-mode judge. Built anew per use: the update donates the arrays a backend would hold."""
+        return self.backend(batch=None, greedy=True, use_lora=False)
+
+    def patient(self):
+        from promed_jax.consult.patients import make_patient
+
+        kind = self.config.patient.kind
+        return make_patient(self.config.patient, self.remote or (self.reference() if kind == "llm" else None))
+
     def rollout(self, batch: int) -> Rollout:
         grpo, sampling = self.config.grpo, self.config.sampling
         cases = [self.train[i] for i in batch_indices(len(self.train), grpo.batch_cases, batch, grpo.seed)]
         return rollout(
             cases,
             self.backend(batch=batch, greedy=False),
-            self.patient,
+            self.patient(),
             self.tokenizer,
             samples=grpo.num_generations,
             max_questions=self.config.consult.max_questions,
@@ -252,7 +262,7 @@ class Stage2:
         grpo = self.config.grpo
         coverages = None
         if self.config.shapley.sig_mode == "paper":
-            coverages = paper_coverages(self.judge, rollout.dialogues)
+            coverages = paper_coverages(self.remote or self.reference(), rollout.dialogues)
         turns = turn_arrays(
             rollout,
             self.weights,
@@ -308,7 +318,7 @@ class Stage2:
         records = evaluate_mode(
             self.held,
             self.backend(batch=None, greedy=True),
-            self.patient,
+            self.patient(),
             path,
             mode=EVAL_MODE,
             batch_size=ev.batch_size,
@@ -322,16 +332,17 @@ class Stage2:
         return eval_metrics(records)
 
 
-def build(config, workdir: str | pathlib.Path) -> Stage2:
-    """Cases, weights, the start model, the patient and the compiled update of a run (no checkpoint read)."""
+def build(config, workdir: str | pathlib.Path, *, weights: Mapping[str, np.ndarray] | None = None) -> Stage2:
+    """Cases, weights (the Shapley cache's unless given), the start model and the compiled update of a run
+    (no checkpoint read)."""
     from promed_jax.backends import make_backend
-    from promed_jax.consult.patients import make_patient
     from promed_jax.shapley.cache import load_weights
     from promed_jax.sharding import make_mesh
 
     grpo = config.grpo
     train, held = select_cases(config)
-    weights = load_weights(workdir, train, weighting=config.shapley.weighting)
+    if weights is None:
+        weights = load_weights(workdir, train, weighting=config.shapley.weighting)
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     model, tokenizer, source = load_start(config, workdir, mesh)
     label = provenance.model_label(config.model, provenance.weights_hash(model))
@@ -353,13 +364,8 @@ def build(config, workdir: str | pathlib.Path) -> Stage2:
         mesh=mesh,
         seed=grpo.seed,
     )
-    stage = Stage2(config, pathlib.Path(workdir), updater, tokenizer, None, None, train, held, weights, label)
     remote = make_backend("openai", config.backend) if config.patient.kind == "openai" else None
-    # An LLM patient and the paper-mode judge are the frozen start model (adapters off), or the server.
-    reference = None if remote else stage.backend(batch=None, greedy=True, use_lora=False)
-    stage.patient = make_patient(config.patient, remote or reference)
-    stage.judge = remote or reference
-    return stage
+    return Stage2(config, pathlib.Path(workdir), updater, tokenizer, remote, train, held, weights, label)
 
 
 def _keep_metrics(path: pathlib.Path, step: int) -> None:
