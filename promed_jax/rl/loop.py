@@ -117,10 +117,13 @@ def select_cases(config) -> tuple[list[Case], list[Case]]:
 
     train = list(cases_from_config(config.data, stage=STAGE))
     held: list[Case] = []
-    if config.grpo.eval_every > 0 and config.grpo.eval_cases > 0:
+    if config.grpo.eval_every > 0:
         data = config.data.to_dict()
         data.update(split=config.grpo.eval_split, ids=(), limit=0)
-        held = list(cases_from_config(data, stage="eval"))[: config.grpo.eval_cases]
+        try:
+            held = list(cases_from_config(data, stage="eval"))[: config.grpo.eval_cases or None]
+        except ConfigError as e:  # an empty split (a small synthetic clinic): train on, without evaluation
+            logging.warning("rl: no held-out evaluation: %s", e)
     held_ids = {c.id for c in held}
     train = [c for c in train if c.id not in held_ids]
     if not train:
