@@ -1,7 +1,8 @@
 """The SFT stage (`mode=sft`): dialogues -> a trained doctor, exported as a Hugging Face folder.
 
 Outputs under `{workdir}/sft/`: `naive_doctor.jsonl` (with `sft.source='naive'`: the scripted naive doctor's
-consultations of the configured synthetic cases, the warm start), `checkpoints/` (orbax), `metrics.jsonl`
+consultations of the configured synthetic cases, or of `data.synthetic_n` synthetic cases when other data is
+configured: the warm start teaches the protocol), `checkpoints/` (orbax), `metrics.jsonl`
 (one line per step: loss, lr, grad norm, doctor tokens, tokens/s; eval loss every `sft.eval_every` steps
 and at the end), `loss.png`, `model/` (the final model, LoRA merged) and `run.json` (provenance). A killed
 run resumes from its last checkpoint with the same parameters as an uninterrupted run: the batch order is
@@ -23,7 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from promed_jax import provenance
-from promed_jax.errors import ConfigError, DataError
+from promed_jax.errors import ConfigError, DataError, WorkdirError
 from promed_jax.io import JsonlWriter, atomic_path, atomic_write_text, output_lock, resume_jsonl
 from promed_jax.text.prompts import DOCTOR_PROMPT_VERSION
 from promed_jax.training import data as data_lib
@@ -52,15 +53,16 @@ def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
         path = folder / NAIVE_FILE
         if not path.exists():
             from promed_jax.consult.patients import make_patient
+            from promed_jax.data import synthetic
             from promed_jax.data.sources import cases_from_config
             from promed_jax.training.naive_doctor import write_dialogues
 
-            if config.data.kind != "synthetic":
-                raise ConfigError(
-                    "config sft.source='naive' needs data.kind='synthetic' (the naive doctor knows "
-                    "the synthetic clinic's table only); set sft.source='files' and sft.dialogues"
-                )
-            cases = cases_from_config(config.data, stage=STAGE)
+            # The naive doctor knows the synthetic clinic's table only: with other data configured, the warm
+            # start (it teaches the protocol, not medicine) still consults data.synthetic_n synthetic cases.
+            if config.data.kind == "synthetic":
+                cases = cases_from_config(config.data, stage=STAGE)
+            else:
+                cases = synthetic.make_cases(config.data.synthetic_n, config.data.synthetic_seed)
             records = write_dialogues(
                 cases,
                 make_patient(config.patient),
@@ -134,7 +136,10 @@ class Trainer:
         loss = make_sft_loss(int(sft["vocab_chunk"]))
         self.state = state_lib.place_state(state_lib.init_state(params, frozen, tx, self.seed), mesh)
         self.step_fn = state_lib.compile_step(
-            state_lib.make_train_step(loss, graphdef, tx, self.schedule), self.state, mesh, self.batch_size
+            state_lib.make_train_step(loss, graphdef, tx, self.schedule),
+            self.state,
+            mesh,
+            self.batch_size // self.microbatches,
         )
         eval_gd = state_lib.eval_graphdef(graphdef, params, frozen, lora=lora)
         self.eval_fn = jax.jit(state_lib.make_eval_step(loss, eval_gd))
@@ -264,6 +269,10 @@ def _run(config, workdir: str) -> pathlib.Path:
         trainer.state = saver.restore(trainer.state)
         _resume_metrics(metrics_path, int(jax.device_get(trainer.state.step)))
         logging.info("sft: resumed at step %d", int(jax.device_get(trainer.state.step)))
+    elif saver.latest_step() is not None:
+        raise WorkdirError(
+            f"{checkpoints} holds checkpoints and ckpt.resume=False; use another workdir or ckpt.resume=True"
+        )
     elif metrics_path.exists():
         metrics_path.unlink()
     done = int(jax.device_get(trainer.state.step))

@@ -129,7 +129,8 @@ def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransform
 def with_dropout_keys(frozen: nnx.State, key: jax.Array) -> nnx.State:
     """`frozen` with every RNG stream (the dropout layers') keyed fold_in(key, its index), counting from zero.
 
-    A new state, not a mutation: the variables of `frozen` belong to the caller's trace."""
+    A new state of new variables, not a mutation: the variables of `frozen` belong to the caller's trace, and
+    `nnx.remat` writes back into the variables it is given."""
     index = iter(range(1 << 30))
 
     def rekey(v):
@@ -137,7 +138,7 @@ def with_dropout_keys(frozen: nnx.State, key: jax.Array) -> nnx.State:
             return v.replace(jax.random.fold_in(key, next(index)))
         if isinstance(v, nnx.RngCount):
             return v.replace(jnp.zeros_like(v[...]))
-        return v
+        return v.replace(v.get_value())
 
     return jax.tree.map(rekey, frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -255,7 +256,7 @@ def batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
 def compile_step(
     train_step: Callable, state: TrainState, mesh: Mesh, rows: int
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
-    """`jax.jit` with the state's and the batch's shardings and the state donated."""
+    """`jax.jit` with the state's and the batch's shardings (`rows` per microbatch) and the state donated."""
     state_sh = state_shardings(state, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(

@@ -1,0 +1,201 @@
+"""SFT step speed: our jitted train step against a PyTorch/transformers AdamW step, SmolLM2-135M fp32.
+
+Both models come from the same GGUF (dequantized to fp32); both train every parameter (full fine-tuning, or
+`--lora`: our LoRA step, reported beside the full one) with AdamW (lr 1e-5, clipping at norm 1) on the same
+batch: B = 8 rows x T = 512 random tokens, cross-entropy on every position but the last. Reported, medians
+of `--reps` steps after one warm-up step:
+  * tokens/s (B x T / step time) for both, and the ratio ours / torch;
+  * MFU = 6 x N_params x tokens/s / peak, with the peak the FLOP/s of a large fp32 matmul measured in the same
+    run (the better of JAX's and torch's): this CPU's number, not a datasheet's;
+  * a profile of both steps' parts: the forward (loss only), forward + backward, and the whole step;
+  * our compile time, apart.
+torch runs with `torch.set_num_threads(2)`, SDPA attention, no gradient checkpointing. Ours runs with
+remat per block by default (`--no-remat` keeps every activation: about 9 GB at this batch), the loss over
+vocabulary chunks of 8,192 (the fp32 logits [8, 512, 49152] are 0.8 GB; torch materializes them).
+The load average is printed: on a shared machine the numbers are only comparable within one run.
+
+    nice -n 10 python experiments/bench_train.py            # the real run (several minutes)
+    python experiments/bench_train.py --quick               # smoke run: tiny sizes, 1 repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from promed_jax import assets
+from promed_jax.models.checkpoints import load_gguf
+from promed_jax.sharding import make_mesh
+from promed_jax.training import state as S
+from promed_jax.training.sft import make_sft_loss
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(size: int, reps: int) -> tuple[float, float]:
+    """(JAX, torch) FLOP/s of an fp32 [size, size] @ [size, size] product."""
+    import torch
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    t_jax = median_time(lambda: mm(a).block_until_ready(), reps)
+    b = torch.randn(size, size)
+    with torch.inference_mode():
+        torch.mm(b, b)
+        t_torch = median_time(lambda: torch.mm(b, b), reps)
+    return 2 * size**3 / t_jax, 2 * size**3 / t_torch
+
+
+def make_batch(vocab: int, rows: int, length: int, microbatches: int) -> dict:
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (rows, length), 0, vocab), np.int32)
+    targets = np.concatenate([tokens[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
+    weights = np.ones((rows, length), bool)
+    weights[:, -1] = False
+    shape = (microbatches, rows // microbatches, length)
+    batch = {"tokens": tokens, "targets": targets, "weights": weights, "valid": np.ones((rows, length), bool)}
+    return {k: v.reshape(shape) for k, v in batch.items()}
+
+
+def ours(model, batch: dict, *, lora: bool, reps: int, chunk: int) -> dict[str, float]:
+    """Compile time and median seconds of our forward, forward + backward and whole step."""
+    mesh = make_mesh((1,), ("data",))
+    opt = S.OptimizerConfig(learning_rate=1e-5, total_steps=1000, max_grad_norm=1.0)
+    tx = S.make_optimizer(opt)
+    loss_fn = make_sft_loss(chunk)
+    graphdef, params, frozen = S.split_for_training(model, lora=lora)
+    state = S.place_state(S.init_state(params, frozen, tx, seed=0), mesh)
+    key = jax.random.key(0)
+    forward = jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), jax.tree.map(lambda x: x[0], b), key)[0])
+    grads = jax.jit(lambda p, f, b: S.accumulate(loss_fn, graphdef, p, f, b, key)[:2])
+    step = S.compile_step(
+        S.make_train_step(loss_fn, graphdef, tx, S.schedule(opt)), state, mesh, batch["tokens"].shape[1]
+    )
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    run_step()
+    out = {"compile_s": compile_s, "step_s": median_time(run_step, reps)}
+    state = holder["state"]
+    jax.block_until_ready(forward(state.params, state.frozen, batch))
+    out["forward_s"] = median_time(lambda: jax.block_until_ready(forward(state.params, state.frozen, batch)), reps)
+    jax.block_until_ready(grads(state.params, state.frozen, batch))
+    out["backward_s"] = median_time(lambda: jax.block_until_ready(grads(state.params, state.frozen, batch)), reps)
+    return out
+
+
+def theirs(batch: dict, *, reps: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = assets.smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa"
+    ).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    tokens = torch.tensor(batch["tokens"].reshape(-1, batch["tokens"].shape[-1]), dtype=torch.long)
+    labels = tokens.clone()  # transformers shifts labels itself: every position but the last is scored
+
+    def loss():
+        return model(input_ids=tokens, labels=labels).loss
+
+    def forward():
+        with torch.no_grad():
+            loss()
+
+    def backward():
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+
+    def step():
+        backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()
+    return {
+        "step_s": median_time(step, reps),
+        "forward_s": median_time(forward, reps),
+        "backward_s": median_time(backward, reps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 32 tokens, one repetition")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--lora", action="store_true", help="also time our LoRA step (adapters on q, v, r = 8)")
+    args = parser.parse_args()
+    reps = 1 if args.quick else args.reps
+    rows, length = (2, 32) if args.quick else (8, 512)
+
+    import torch
+
+    torch.set_num_threads(2)
+    print(
+        f"load average (1, 5, 15 min): {os.getloadavg()}; cpus: {os.cpu_count()}; jax {jax.__version__}, "
+        f"torch {torch.__version__}"
+    )
+    path = assets.smollm2_gguf_path()
+    model = load_gguf(path, remat=not args.no_remat)
+    cfg = model.config
+    n_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    batch = make_batch(cfg.vocab_size, rows, length, args.microbatches)
+    tokens = rows * length
+    print(
+        f"SmolLM2-135M fp32 ({n_params / 1e6:.1f} M parameters), batch {rows} x {length} = {tokens} tokens, "
+        f"{args.microbatches} microbatch(es), remat {not args.no_remat}, vocabulary chunk {args.chunk}; "
+        f"medians of {reps}"
+    )
+    peak_jax, peak_torch = matmul_flops(1024 if args.quick else 4096, reps)
+    peak = max(peak_jax, peak_torch)
+    print(
+        f"large fp32 matmul: jax {peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s "
+        f"(peak assumed for MFU: {peak / 1e9:.1f})"
+    )
+    results = {"ours (full)": ours(model, batch, lora=False, reps=reps, chunk=args.chunk)}
+    print(f"our compile time (full step): {results['ours (full)']['compile_s']:.1f} s")
+    if args.lora:
+        lora_model = load_gguf(path, remat=not args.no_remat, lora_rank=8, lora_alpha=32.0, lora_dropout=0.1)
+        results["ours (LoRA)"] = ours(lora_model, batch, lora=True, reps=reps, chunk=args.chunk)
+        print(f"our compile time (LoRA step): {results['ours (LoRA)']['compile_s']:.1f} s")
+    results["torch (full)"] = theirs(batch, reps=reps)
+    print(f"load average now: {os.getloadavg()}")
+    print("step | tokens/s | MFU | forward s | forward+backward s | whole step s | tokens/s vs torch")
+    base = tokens / results["torch (full)"]["step_s"]
+    for name, r in results.items():
+        rate = tokens / r["step_s"]
+        print(
+            f"{name} | {rate:8.1f} | {6 * n_params * rate / peak:5.1%} | {r['forward_s']:.2f} | "
+            f"{r['backward_s']:.2f} | {r['step_s']:.2f} | {rate / base:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
