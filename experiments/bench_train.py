@@ -15,6 +15,7 @@ vocabulary chunks of 8,192 (the fp32 logits [8, 512, 49152] are 0.8 GB; torch ma
 The load average is printed: on a shared machine the numbers are only comparable within one run.
 
     nice -n 10 python experiments/bench_train.py            # the real run (several minutes)
+    nice -n 10 python experiments/bench_train.py --grpo     # the GRPO step (experiments/bench_grpo.py)
     python experiments/bench_train.py --quick               # smoke run: tiny sizes, 1 repetition
 """
 
@@ -151,7 +152,16 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--lora", action="store_true", help="also time our LoRA step (adapters on q, v, r = 8)")
-    args = parser.parse_args()
+    parser.add_argument("--grpo", action="store_true", help="the GRPO step instead (experiments/bench_grpo.py)")
+    args, rest = parser.parse_known_args()
+    if args.grpo:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from experiments import bench_grpo
+
+        bench_grpo.run(bench_grpo.parser().parse_args(rest + [f"--reps={args.reps}"]))
+        return
     reps = 1 if args.quick else args.reps
     rows, length = (2, 32) if args.quick else (8, 512)
 
