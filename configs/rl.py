@@ -20,9 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mode = "pipeline"
     preset = arg or "tiny"
     if preset == "tiny":
-        c.grpo.steps = 4
+        c.grpo.steps = 2
         c.grpo.eval_every = 2
-        c.grpo.eval_cases = 8
+        c.grpo.eval_cases = 4
         c.sampling.max_new_tokens = 64  # the random tiny model rarely stops on its own
         c.eval.max_new_tokens = 64
     elif preset == "smollm":
