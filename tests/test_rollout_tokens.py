@@ -13,10 +13,11 @@ from flax import nnx
 from promed_jax.backends.local import LocalBackend
 from promed_jax.consult import protocol
 from promed_jax.consult.patients import FactSelectPatient
-from promed_jax.consult.rollout import rollout
+from promed_jax.consult.rollout import TokenTemplate, rollout
 from promed_jax.data import synthetic
 from promed_jax.models import ModelConfig, Transformer
 from promed_jax.models.transformer import causal_mask, positions_from_mask
+from promed_jax.text.dialogue import render_dialogue
 from promed_jax.text.tokenizer import build_tiny_tokenizer
 
 MAX_NEW = 8
@@ -160,3 +161,33 @@ def test_a_dialogue_is_the_same_in_any_batch(result, model, tokenizer, cases):
         np.testing.assert_array_equal(alone.dialogues[row].tokens.ids, out.dialogues[2 + row].tokens.ids)
     later, _ = run(model, tokenizer, cases[1:], step=1)
     assert later.dialogues[0].tokens.ids.tolist() != alone.dialogues[0].tokens.ids.tolist()
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_template_pieces_rebuild_the_rendered_dialogue(which, tokenizer):
+    """Opening, generation prompts, sampled ids, closings and replies, as ids, give exactly what the chat
+    template renders (SmolLM2's adds a system message); a cut turn's closing starts with the end-of-turn id."""
+    if which == "smollm2":
+        from conftest import need_smollm2
+
+        from promed_jax.text.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(need_smollm2())
+    template = TokenTemplate(tokenizer)
+    messages = [
+        {"role": "user", "content": "You are a doctor. Options: A. asthma B. pneumonia"},
+        {"role": "assistant", "content": "question: Do you have a fever?"},
+        {"role": "user", "content": "Yes, since yesterday."},
+        {"role": "assistant", "content": "answer: the fever points to B 【answer: B】"},
+    ]
+    eot = tokenizer.eos_token_id
+    ids = template.opening(messages[:1])
+    for k in (1, 3):
+        ids += template.generation_prompt(messages[:k])
+        sampled = tokenizer(messages[k]["content"], add_special_tokens=False)["input_ids"] + [eot]
+        ids += sampled + template.closing(messages[:k], sampled)
+        if k + 1 < len(messages):
+            ids += template.reply(messages[: k + 1], messages[k + 1]["content"])
+    assert ids == render_dialogue(tokenizer, messages).ids.tolist()
+    cut = tokenizer("question: Do you", add_special_tokens=False)["input_ids"]
+    assert template.closing(messages[:1], cut) == [eot, *template.closing(messages[:1], [*cut, eot])]

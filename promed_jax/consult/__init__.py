@@ -18,10 +18,11 @@ from promed_jax.consult.protocol import (
     parse_doctor_turn,
     turn_kind,
 )
-from promed_jax.consult.rollout import Dialogue, Rollout, consult, rollout, to_rollout
+from promed_jax.consult.rollout import Dialogue, DialogueTokens, Rollout, TokenTemplate, consult, rollout, to_rollout
 
 __all__ = [
     "Dialogue",
+    "DialogueTokens",
     "DoctorTurn",
     "FactSelectPatient",
     "LLMPatient",
@@ -29,6 +30,7 @@ __all__ = [
     "PatientReply",
     "PatientRequest",
     "Rollout",
+    "TokenTemplate",
     "consult",
     "doctor_first_message",
     "extract_answer",

@@ -145,7 +145,7 @@ class Dialogue:
     letters: tuple[str, ...]
     correct: bool
     end: str
-    tokens: DialogueTokens | None = None
+    tokens: DialogueTokens | None = dataclasses.field(default=None, compare=False)  # arrays: not compared
 
     @property
     def answered(self) -> bool:
