@@ -207,10 +207,10 @@ def grpo_config() -> ml_collections.ConfigDict:
     c.reward = "distributed"
     c.trajectory_correct_reward = 4.0  # paper (trajectory ablation): correctness 4
     c.trajectory_sig_scale = 2.0  # paper (trajectory ablation): + 2 * sum_i w_i c_i(T)
-    # paper: 'seq_mean_token_mean' = mean over doctor tokens per sequence, then sequences;
+    # 'seq_mean_token_mean' (paper) = mean over doctor tokens per sequence, then sequences;
     # 'token_mean' = mean over all doctor tokens; 'seq_mean_token_sum_norm' = per-sequence sums / loss_norm_tokens
     c.loss_aggregation = "seq_mean_token_mean"
-    c.loss_norm_tokens = 8192  # the constant of 'seq_mean_token_sum_norm' (paper: 8,192 tokens per dialogue)
+    c.loss_norm_tokens = 8192  # the constant of 'seq_mean_token_sum_norm' (ours: the paper's dialogue token limit)
     # Where Stage 2 starts: a Hugging Face folder, or a Stage 1 workdir / sft folder holding `model/`; '' takes
     # {workdir}/sft/model when it exists (the pipeline), else the `model` section. Fresh LoRA adapters go on top.
     c.init_checkpoint = ""

@@ -65,7 +65,7 @@ def test_outcome_only_no_distribution_and_trajectory_by_hand():
     np.testing.assert_allclose(parts["total"], r, rtol=1e-6)
 
 
-def test_config_names_come_from_the_registry():
+def test_config_rules_take_the_registry_names_and_ranges():
     import promed_jax.rl  # noqa: F401  (registers the names)
 
     expect = {
@@ -84,6 +84,14 @@ def test_config_names_come_from_the_registry():
         assert set(registry.names(kinds[key])) == names
         assert all(config_check.RULES[key](name) is None for name in names)
         assert config_check.RULES[key]("bogus") is not None
+    for key, good, bad in [
+        ("grpo.clip_eps", 0.1, (0.0, 1.5)),
+        ("grpo.clip_eps_high", 0.0, (-0.1,)),
+        ("grpo.log_ratio_clamp", 20.0, (0.0,)),
+        ("grpo.loss_norm_tokens", 8192, (0, 1.5)),
+    ]:
+        assert config_check.RULES[key](good) is None
+        assert all(config_check.RULES[key](b) is not None for b in bad), key
 
 
 # --- advantages ----------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ def test_kl_is_measured_without_its_penalty_and_padding_rows_change_nothing():
 
 def test_values_off_the_mask_reach_neither_the_loss_nor_its_gradient():
     junk = ~MASK
-    dirty = [np.where(junk, bad, x) for x, bad in ((LOGPS, -np.inf), (OLD, np.nan), (REF, np.inf), (ADV, np.nan))]
+    dirty = [np.where(junk, bad, x) for x, bad in ((LOGPS, np.nan), (OLD, -np.inf), (REF, np.nan), (ADV, np.inf))]
 
     def f(logps, old, ref, adv):
         total, denom, _ = policy_loss(logps, old, ref, adv, MASK, config=LossConfig())
