@@ -5,8 +5,8 @@ One rollout batch as Stage 2 runs it: 2 MedQA dev cases x 4 generations by SmolL
 repeated 3-grams within a turn), token in and token out (`promed_jax.rl.loop.Stage2`'s path), then the update
 of `promed_jax.rl.step.GrpoUpdater` on that batch (uniform fact weights: speed does not depend on them).
 Reported:
-  * rollout: doctor tokens sampled per second, the first batch (compiling the sampler's buckets) and a second
-    batch of other cases (the buckets it reuses);
+  * rollout: doctor tokens sampled per second: the first batch (compiling the sampler's shape buckets: prompt
+    length and batch size change every turn), the same batch again (warm), and a batch of other cases;
   * update: the log-prob pass (old + reference + entropy, dropout off) and the optimizer step, tokens/s over
     the batch's real tokens (rows x their lengths), for our LoRA update (the paper's) and our full
     fine-tuning update, and a PyTorch/transformers full fine-tuning GRPO update of the same batch (no peft
@@ -46,6 +46,7 @@ def build(args, lora: bool) -> loop.Stage2:
     """Stage 2 on SmolLM2 and MedQA's training split, with uniform fact weights instead of the Shapley cache."""
     c = rl_config.get_config("smollm")
     c.model.lora_rank = 8 if lora else 0
+    c.model.remat = True  # without it the update's activations took the process past 13.9 GB (OOM-killed)
     c.grpo.batch_cases, c.grpo.num_generations, c.grpo.eval_every = 2, 4, 0
     c.sampling.max_new_tokens = args.max_new_tokens
     c.consult.max_questions = args.max_questions
@@ -139,12 +140,15 @@ def run(args) -> None:
     stage = build(args, lora=True)
     n_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(stage.updater.policy_model(), nnx.Param)))
     first, first_s, rollout = rollout_rate(stage, 0)
-    second, second_s, _ = rollout_rate(stage, 1)
+    warm, warm_s, _ = rollout_rate(stage, 0)  # the same cases and keys: the shapes compiled by the first
+    other, other_s, _ = rollout_rate(stage, 1)
     print(
         f"rollout 2 cases x 4 generations, <= {args.max_questions} questions, {args.max_new_tokens} new tokens "
-        f"per turn: {first:.1f} doctor tokens/s first batch ({first_s:.1f} s, compiling), {second:.1f} second "
-        f"batch ({second_s:.1f} s)"
+        f"per turn, {rollout.role_mask.sum()} doctor tokens: {first:.1f} doctor tokens/s compiling ({first_s:.1f} "
+        f"s), {warm:.1f} warm ({warm_s:.1f} s), {other:.1f} on other cases ({other_s:.1f} s: new shape buckets)"
     )
+    if args.rollout_only:
+        return
     arrays = update_arrays(stage, rollout)
     tokens = float(arrays["valid"].sum())
     print(
@@ -152,8 +156,12 @@ def run(args) -> None:
         f"tokens, {arrays['weights'].sum()} doctor tokens"
     )
     results = {"ours (LoRA)": ours(stage, arrays, args.reps)}
+    print(f"ours (LoRA): {results['ours (LoRA)']}", flush=True)
+    del stage
     full = build(args, lora=False)
     results["ours (full)"] = ours(full, arrays, args.reps)
+    print(f"ours (full): {results['ours (full)']}", flush=True)
+    del full
     results["torch (full)"] = theirs(arrays, args.reps)
     print(f"load average now: {os.getloadavg()}")
     print("update | compile s | pass s | pass+step s | tokens/s | MFU | tokens/s vs torch")
@@ -172,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-questions", type=int, default=2)
+    p.add_argument("--rollout-only", action="store_true", help="skip the update timings")
     return p
 
 
