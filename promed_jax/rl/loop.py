@@ -227,6 +227,8 @@ class Stage2:
             from flax import nnx
 
             model = nnx.merge(self.updater.eval_graphdef, self.updater.ref_params, self.updater.state.frozen)
+        if model.config.remat:  # remat serves the update only; the sampler under nnx.remat fails to trace
+            model.config = model.config.replace(remat=False)
         backend = make_backend("local", sampling, model=model, tokenizer=self.tokenizer)
         if not use_lora:
             backend.sampling = dataclasses.replace(backend.sampling, use_lora=False)
