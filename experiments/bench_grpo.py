@@ -48,6 +48,7 @@ def build(args, lora: bool) -> loop.Stage2:
     c.model.lora_rank = 8 if lora else 0
     c.model.remat = True  # without it the update's activations took the process past 13.9 GB (OOM-killed)
     c.grpo.batch_cases, c.grpo.num_generations, c.grpo.eval_every = 2, 4, 0
+    c.grpo.grad_accum = args.grad_accum  # 1 microbatch of 8 rows took the process past 14 GB (OOM-killed)
     c.sampling.max_new_tokens = args.max_new_tokens
     c.consult.max_questions = args.max_questions
     train, _ = loop.select_cases(c)
@@ -155,14 +156,15 @@ def run(args) -> None:
         f"update batch: {arrays['tokens'].shape[0]} rows x {arrays['tokens'].shape[1]} padded, {tokens:.0f} real "
         f"tokens, {arrays['weights'].sum()} doctor tokens"
     )
-    results = {"ours (LoRA)": ours(stage, arrays, args.reps)}
+    results = {"torch (full)": theirs(arrays, args.reps)}
+    print(f"torch (full): {results['torch (full)']}", flush=True)
+    results["ours (LoRA)"] = ours(stage, arrays, args.reps)
     print(f"ours (LoRA): {results['ours (LoRA)']}", flush=True)
     del stage
     full = build(args, lora=False)
     results["ours (full)"] = ours(full, arrays, args.reps)
     print(f"ours (full): {results['ours (full)']}", flush=True)
     del full
-    results["torch (full)"] = theirs(arrays, args.reps)
     print(f"load average now: {os.getloadavg()}")
     print("update | compile s | pass s | pass+step s | tokens/s | MFU | tokens/s vs torch")
     base = tokens / results["torch (full)"]["update_s"]
@@ -180,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-questions", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=4, help="microbatches per optimizer step (ours)")
     p.add_argument("--rollout-only", action="store_true", help="skip the update timings")
     return p
 
