@@ -30,6 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grpo.eval_every = 20
         c.grpo.eval_cases = 50
         c.grpo.vocab_chunk = 8192  # SmolLM2's 49,152 columns in 6 blocks
+        # One microbatch of 8 dialogues (8 x 512 tokens in experiments/bench_grpo.py) took a CPU process past
+        # 14 GB: one dialogue per microbatch, blocks rematerialised.
+        c.grpo.grad_accum = 8
+        c.model.remat = True
     else:
         c.grpo.steps = 500
         c.grpo.batch_cases = 8
