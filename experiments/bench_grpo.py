@@ -17,7 +17,7 @@ Reported:
     FLOP/s of a large fp32 matmul measured in this run (`bench_train.matmul_flops`).
 torch runs with 2 threads. Compile time is apart; times are medians of `--reps`; the load average is printed.
 
-Measured 2026-12-02 on 2 shared CPU cores (load average 3.5 at the start, 1.4 at the end), `--reps 3
+Measured 2026-12-02 on 2 shared CPU cores (load average 3.5 at the start, 1.9 at the end), `--reps 3
 --max-questions 1 --max-new-tokens 32`, 8 rows x 512 padded (2,562 real tokens, 139 doctor tokens), peak
 148.9 GFLOP/s: rollout 6.8 doctor tokens/s warm (5.3 compiling, 5.1 on other cases); update (pass + step)
 torch full 89.0 s (28.8 tokens/s, MFU 26%), ours LoRA 40.7 s (62.9, 57%, 2.18x), ours full 50.1 s (51.1,
