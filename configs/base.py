@@ -239,7 +239,21 @@ def grpo_config() -> ml_collections.ConfigDict:
     # 'token_mean' = mean over all doctor tokens; 'seq_mean_token_sum_norm' = per-sequence sums / loss_norm_tokens
     c.loss_aggregation = "seq_mean_token_mean"
     c.loss_norm_tokens = 8192  # the constant of 'seq_mean_token_sum_norm' (ours: the paper's dialogue token limit)
-    c.seed = 0
+    # Where Stage 2 starts: a Hugging Face folder, or a Stage 1 workdir / sft folder holding `model/`; '' takes
+    # {workdir}/sft/model when it exists (the pipeline), else the `model` section. Fresh LoRA adapters go on top.
+    c.init_checkpoint = ""
+    c.minibatches = 1  # each of the updates_per_batch passes splits the rollout batch into this many steps
+    c.grad_accum = 1  # microbatches per optimizer step (the loss divides by the whole minibatch's denominator)
+    c.vocab_chunk = 8192  # vocabulary columns per block of the chunked log-softmax
+    c.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.weight_decay = 0.0  # with optimizer='adamw' only (paper: Adam)
+    # Greedy held-out evaluation (`promed_jax.evaluation`, the `eval` section's decoding) before the first
+    # batch, every eval_every batches and after the last (0 = never), on the first eval_cases cases
+    # (0 = all) of eval_split; those cases never train.
+    c.eval_every = 10
+    c.eval_cases = 0
+    c.eval_split = "dev"
+    c.seed = 0  # case order, sampler keys, minibatch order, dropout
     return c
 
 

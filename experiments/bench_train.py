@@ -18,6 +18,7 @@ With `--reps 1` our steps are compiled ahead of time and not warmed up (the firs
 its steady-state time on CPU, give or take allocation); torch's first step is always run untimed.
 
     nice -n 10 python experiments/bench_train.py            # the real run (several minutes)
+    nice -n 10 python experiments/bench_train.py --grpo     # the GRPO step (experiments/bench_grpo.py)
     python experiments/bench_train.py --quick               # smoke run: tiny sizes, 1 repetition
 """
 
@@ -156,7 +157,16 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--lora", action="store_true", help="also time our LoRA step (adapters on q, v, r = 8)")
-    args = parser.parse_args()
+    parser.add_argument("--grpo", action="store_true", help="the GRPO step instead (experiments/bench_grpo.py)")
+    args, rest = parser.parse_known_args()
+    if args.grpo:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from experiments import bench_grpo
+
+        bench_grpo.run(bench_grpo.parser().parse_args(rest + [f"--reps={args.reps}"]))
+        return
     reps = 1 if args.quick else args.reps
     rows, length = (2, 32) if args.quick else (8, 512)
 

@@ -280,6 +280,15 @@ RULES: Mapping[str, Rule] = {
     "grpo.trajectory_sig_scale": finite,
     "grpo.loss_aggregation": registered("rl.aggregation", "promed_jax.rl"),
     "grpo.loss_norm_tokens": POSITIVE_INT,
+    "grpo.init_checkpoint": any_text,  # resolved when the stage starts (it may be the pipeline's Stage 1 output)
+    "grpo.minibatches": POSITIVE_INT,  # with grad_accum, divides batch_cases x num_generations (check_grpo)
+    "grpo.grad_accum": POSITIVE_INT,
+    "grpo.vocab_chunk": POSITIVE_INT,
+    "grpo.max_grad_norm": NONNEGATIVE,
+    "grpo.weight_decay": NONNEGATIVE,
+    "grpo.eval_every": COUNT,
+    "grpo.eval_cases": COUNT,
+    "grpo.eval_split": one_of(("train", "dev", "test")),
     "grpo.seed": SEED,
     "mesh.shape": non_empty_tuple,
     "mesh.axis_names": non_empty_tuple,
@@ -348,6 +357,17 @@ def check_shapley(shapley: Mapping[str, Any]) -> None:
                     "needed", shapley["max_permutations"])
 
 
+def check_grpo(grpo: Mapping[str, Any]) -> None:
+    rows = grpo["batch_cases"] * grpo["num_generations"]
+    parts = grpo["minibatches"] * grpo["grad_accum"]
+    if rows % parts:
+        raise _fail(
+            "grpo.minibatches",
+            f"x grpo.grad_accum={grpo['grad_accum']} must divide grpo.batch_cases x grpo.num_generations = {rows}",
+            grpo["minibatches"],
+        )
+
+
 def check_sft(sft: Mapping[str, Any]) -> None:
     if sft["batch_size"] % sft["grad_accum"]:
         raise _fail("sft.batch_size", f"must be a multiple of sft.grad_accum={sft['grad_accum']}", sft["batch_size"])
@@ -406,6 +426,7 @@ def check_run(config: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
     check_data_config(config["data"])
     check_model(config["model"])
     check_shapley(config["shapley"])
+    check_grpo(config["grpo"])
     check_sft(config["sft"])
     check_mesh(config["mesh"])
     output_dir(workdir, "eval", config["eval"]["run"], key="eval.run")

@@ -41,6 +41,10 @@ belongs to one case, whose fingerprint it carries (`Case.fingerprint`), whatever
   `mcts.temperature` replace); the search (`mcts.*` but the memory budget and the SFT selection, which is
   applied after the search and written with its own settings). `mcts.batch_trees` is in: results do not
   depend on it, but each line's `batch` does.
+- rl: model numerics and LoRA settings; the protocol, the patient and the judge; the Shapley weighting and SIG
+  mode (the weights themselves are the cache's, checked per case); the rollouts' decoding (`sampling.*` but
+  its seed: rollout keys come from `grpo.seed`); every `grpo.*` field but `vocab_chunk` (chunking only); the
+  held-out evaluation's decoding (`eval.*` as for eval). The weights hash is the start model's.
 """
 
 from __future__ import annotations
@@ -144,6 +148,11 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         *_MODEL_NUMERICS,
         "model.lora_rank",
         "model.lora_alpha",
+    "rl": (
+        *_MODEL_NUMERICS,
+        "model.lora_rank",
+        "model.lora_alpha",
+        "model.lora_dropout",
         "model.lora_targets",
         "data.initial_info",
         "consult.max_questions",
@@ -162,6 +171,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "backend.temperature",
         "shapley.weighting",
         "shapley.sig_mode",
+        "sampling.temperature",
         "sampling.top_p",
         "sampling.top_k",
         "sampling.max_new_tokens",
@@ -180,6 +190,42 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "mcts.leaf_value",
         "mcts.batch_trees",
         "mcts.seed",
+        "grpo.num_generations",
+        "grpo.batch_cases",
+        "grpo.steps",
+        "grpo.alpha",
+        "grpo.beta",
+        "grpo.gamma",
+        "grpo.format_reward_start",
+        "grpo.format_reward_contains",
+        "grpo.clip_eps",
+        "grpo.clip_eps_high",
+        "grpo.log_ratio_clamp",
+        "grpo.kl_beta",
+        "grpo.kl_estimator",
+        "grpo.learning_rate",
+        "grpo.optimizer",
+        "grpo.updates_per_batch",
+        "grpo.advantage",
+        "grpo.reward",
+        "grpo.trajectory_correct_reward",
+        "grpo.trajectory_sig_scale",
+        "grpo.loss_aggregation",
+        "grpo.loss_norm_tokens",
+        "grpo.init_checkpoint",
+        "grpo.minibatches",
+        "grpo.grad_accum",
+        "grpo.max_grad_norm",
+        "grpo.weight_decay",
+        "grpo.eval_every",
+        "grpo.eval_cases",
+        "grpo.eval_split",
+        "grpo.seed",
+        "eval.temperature",
+        "eval.max_new_tokens",
+        "eval.repetition_penalty",
+        "eval.no_repeat_ngram_size",
+        "eval.seed",
     ),
 }
 _COMPARED = ("stage", "config", "weights", "prompt_version")
