@@ -26,46 +26,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import pathlib
+import sys
 import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # experiments/ is not an installed package (as in shapley_stratified.py)
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.bench_sampler import matmul_flops, median_time  # one timing rule for every benchmark
 from promed_jax import assets
 from promed_jax.models.checkpoints import load_gguf
 from promed_jax.sharding import make_mesh
 from promed_jax.training import state as S
 from promed_jax.training.sft import make_sft_loss
-
-
-def median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_flops(size: int, reps: int) -> tuple[float, float]:
-    """(JAX, torch) FLOP/s of an fp32 [size, size] @ [size, size] product."""
-    import torch
-
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    t_jax = median_time(lambda: mm(a).block_until_ready(), reps)
-    b = torch.randn(size, size)
-    with torch.inference_mode():
-        torch.mm(b, b)
-        t_torch = median_time(lambda: torch.mm(b, b), reps)
-    return 2 * size**3 / t_jax, 2 * size**3 / t_torch
 
 
 def make_batch(vocab: int, rows: int, length: int, microbatches: int) -> dict:
