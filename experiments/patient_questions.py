@@ -3,16 +3,21 @@
   python experiments/patient_questions.py tune      # grid over the hybrid weights on the TUNE set only
   python experiments/patient_questions.py report    # fact_select vs semantic (config defaults) on every set
   python experiments/patient_questions.py speed     # 64 questions answered, warm, medians of 5
+  python experiments/patient_questions.py curve     # the threshold trade-off at the config weights, every set
 
 `tune` prints the best grid points by the smallest margin over the issue's floors (returned >= 0.85, first
 >= 0.75, other <= 0.15, cannot-answer >= 0.90), then the total of the four shares; it never reads the test
 set. `report` prints, per set and patient, the shares of `promed_jax.consult.question_sets.score`, and what
-the broad questions got. `speed` needs no torch: the PyTorch way has no patient to compare with, so the
+the broad questions got. `curve` chooses nothing: at the config weights it prints, per English set, the four
+shares at each threshold and two threshold-free numbers (the AUC of the target fact's score against an
+unanswerable question's best score, and the share of targeted questions whose target ranks first), so that
+one sees whether any threshold could meet all four floors. `speed` needs no torch: the PyTorch way has no patient to compare with, so the
 numbers are absolute; the load average is printed beside them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import pathlib
@@ -90,6 +95,27 @@ def report() -> None:
             )
 
 
+def curve() -> None:
+    all_cases = cases()
+    patient = semantic()
+    w = patient.weights
+    for split in ("tune", "test"):
+        questions = [q for q in QS.load_questions(SETS[split]) if q.kind != "broad"]
+        scores = patient.scores([PatientRequest(all_cases[q.case], q.question) for q in questions])
+        target = np.array([s[q.fact] for q, s in zip(questions, scores) if q.kind == "targeted"])
+        rejected = np.array([s.max() for q, s in zip(questions, scores) if q.kind == "unanswerable"])
+        auc = (target[:, None] > rejected[None]).mean() + 0.5 * (target[:, None] == rejected[None]).mean()
+        top = np.mean([int(np.argmax(s)) == q.fact for q, s in zip(questions, scores) if q.kind == "targeted"])
+        print(f"{split}: AUC target vs unanswerable-best {auc:.3f}; target ranked first {top:.3f}")
+        for threshold in np.arange(0.30, 0.70, 0.04):
+            t = dataclasses.replace(w, threshold=float(threshold))
+            s = QS.score(questions, [_Reply(R.select(sc, t)) for sc in scores])
+            print(
+                f"  threshold {threshold:.2f}: returned {s.returned:.3f} first {s.first:.3f} other {s.other:.3f} "
+                f"cannot_answer {s.cannot_answer:.3f}"
+            )
+
+
 def speed() -> None:
     all_cases = cases()
     questions = [q for q in QS.load_questions(SETS["tune"]) if q.kind != "broad"][:64]
@@ -111,4 +137,4 @@ def speed() -> None:
 
 
 if __name__ == "__main__":
-    {"tune": tune, "report": report, "speed": speed}[sys.argv[1] if len(sys.argv) > 1 else "report"]()
+    {"tune": tune, "report": report, "curve": curve, "speed": speed}[sys.argv[1] if len(sys.argv) > 1 else "report"]()
