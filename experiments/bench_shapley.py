@@ -18,7 +18,7 @@ from our times and reported apart; the load average is printed because the machi
 
     python experiments/bench_shapley.py --cases 8         # the real run (about 20 min on 2 idle cores)
     python experiments/bench_shapley.py --quick           # 2 five-fact cases, a smoke test
-    python experiments/bench_shapley.py --quick --cases 5 --methods exact,tmc,ks8 --json out.json   # run_benchmarks
+    python experiments/bench_shapley.py --quick --methods exact,ks8 --json out.json   # run_benchmarks.py
     python experiments/bench_shapley.py --ab 3e097ad --cases 3 --reps 5   # per-coalition cost: that commit's game vs ours
 
 `--ab COMMIT` times only the game: all 2^n coalitions (exact enumeration, the default up to n = 10) of each
