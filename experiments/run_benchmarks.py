@@ -42,11 +42,11 @@ class Bench:
 
 
 BENCHES = (
-    Bench("bench_sampler", "bench_sampler", ("--quick", "--reps", "5"), 130),
-    Bench("bench_shapley", "bench_shapley", ("--quick", "--methods", "exact,ks8"), 190),
-    Bench("bench_mcts", "bench_mcts", ("--quick", "--reps", "5"), 50),
-    Bench("bench_train", "bench_train", ("--quick", "--reps", "5"), 130),
-    Bench("bench_train --grpo", "bench_train", ("--grpo", "--quick", "--reps", "5"), 400),
+    Bench("bench_sampler", "bench_sampler", ("--quick", "--reps", "5"), 125),
+    Bench("bench_shapley", "bench_shapley", ("--quick", "--methods", "exact,ks8"), 185),
+    Bench("bench_mcts", "bench_mcts", ("--quick", "--reps", "5"), 45),
+    Bench("bench_train", "bench_train", ("--quick", "--reps", "5"), 125),
+    Bench("bench_train --grpo", "bench_train", ("--grpo", "--quick", "--reps", "5"), 420),
 )
 
 
