@@ -5,7 +5,32 @@
 or a Hugging Face folder; '' = this workdir's Stage 1 output when there is one, else the `model` section).
 
 Presets: tiny (the CPU default: a few short batches), smollm (SmolLM2-135M, LoRA r = 8, the paper's Stage 2
-settings at B = 2 cases x G = 4), qwen7b / llama8b (the paper's settings; an fsdp mesh, microbatches).
+settings at B = 2 cases x G = 4), qwen7b / llama8b (the paper's doctors, for GPUs; below).
+
+qwen7b (Qwen2.5-7B-Instruct) and llama8b (Llama-3.1-8B-Instruct): `--config.model.path=` a local Hugging Face
+folder (required: without it the run stops with one `error:` line; nothing is downloaded), bf16 weights and
+activations with remat, LoRA as the paper (r = 8, alpha = 32, dropout 0.1 on q_proj, v_proj), the paper's
+Stage 1 and 2 settings (5 MCTS iterations, c = 2.2, G = 4, alpha = 2, beta = 1, gamma = 3, eps = 0.1, k3 KL at
+0.04, Adam at 5e-6, one update per batch, T = 0.7, 256 tokens per turn, 8,192 per dialogue), and the patient
+and the SIG judge (shapley.sig_mode='paper') on the OpenAI-compatible server of the `backend` section
+(paper: Qwen2.5-72B-Instruct at T = 0.7; --config.backend.base_url=..., the key in $OPENAI_API_KEY).
+Where the two models differ, the folder decides and the loader reads it (promed_jax/models/config.py,
+text/tokenizer.py, backends/local.py); no config field overrides it:
+  * chat template (tokenizer_config.json): Qwen2.5 is ChatML (`<|im_start|>role ... <|im_end|>`, a default
+    system message "You are Qwen, created by Alibaba Cloud..."); Llama-3.1 uses header ids
+    (`<|start_header_id|>role<|end_header_id|> ... <|eot_id|>`, a default system message with the knowledge
+    and today's dates). text/dialogue.py finds the message bounds on the rendered text and stops with the
+    message's index if a template is not prefix-stable (neither model's was tried here: no 7-8B folder).
+  * EOS ids: the sampler stops on the tokenizer's eos_token and on `<|im_end|>` where the vocabulary has it:
+    Qwen2.5 `<|im_end|>` (151645; pad `<|endoftext|>`); Llama-3.1-Instruct `<|eot_id|>` (128009; no pad token,
+    so pad = eos). A Llama folder whose eos_token is `<|end_of_text|>` (the base model's) does not stop at `<|eot_id|>`.
+  * rope (config.json): Qwen2.5 theta 1e6, no scaling, 32,768 positions, vocabulary 152,064 (22 chunks of
+    6,912 in the chunked log-softmax); Llama-3.1 theta 5e5 with `llama3` scaling (factor 8, 8,192 original
+    positions), 131,072 positions, vocabulary 128,256 (16 chunks of 8,016).
+What the config does set per model is its memory: the microbatches of an 8,192-token dialogue (Llama's
+hidden size 4,096 and 32 layers against Qwen's 3,584 and 28 keep ~1.3x the activations per token under remat;
+the microbatch sizes are a margin, not measured). Microbatches change memory only: the loss divides by the
+whole minibatch's denominator.
 """
 
 from __future__ import annotations
@@ -34,14 +59,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 14 GB: one dialogue per microbatch, blocks rematerialised.
         c.grpo.grad_accum = 8
         c.model.remat = True
-    else:
-        c.grpo.steps = 500
-        c.grpo.batch_cases = 8
+    elif preset == "qwen7b":
+        _paper_gpu(c)
         c.grpo.grad_accum = 8  # 32 dialogues of up to 8,192 tokens: 4 per microbatch
-        c.grpo.eval_every = 50
-        c.mesh.shape = (1, -1)
-        c.mesh.axis_names = ("data", "fsdp")
+    elif preset == "llama8b":
+        _paper_gpu(c)
+        c.grpo.grad_accum = 16  # 2 dialogues per microbatch: ~1.3x Qwen's activations per token (docstring)
     return c
+
+
+def _paper_gpu(c: ml_collections.ConfigDict) -> None:
+    """What qwen7b and llama8b share: the paper's settings on a GPU mesh, patient and judge on the server."""
+    c.grpo.steps = 500
+    c.grpo.batch_cases = 8
+    c.grpo.eval_every = 50
+    c.mcts.batch_trees = 32
+    c.patient.kind = "openai"  # paper: Qwen2.5-72B-Instruct behind an OpenAI-compatible API (backend section)
+    c.shapley.sig_mode = "paper"  # an LLM patient paraphrases: the understanding model + judge (the server)
+    c.mesh.shape = (1, -1)
+    c.mesh.axis_names = ("data", "fsdp")
 
 
 def sweep(add) -> None:

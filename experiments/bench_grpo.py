@@ -25,12 +25,18 @@ torch full 89.0 s (28.8 tokens/s, MFU 26%), ours LoRA 40.7 s (62.9, 57%, 2.18x),
 
     nice -n 10 python experiments/bench_grpo.py              # CPU defaults: 64 new tokens, 2 questions
     python experiments/bench_train.py --grpo                 # the same, from the training benchmark
+    python experiments/bench_grpo.py --quick --reps 5 --json out.json   # experiments/run_benchmarks.py's size
+
+`--quick`: 1 case x 2 generations, 1 question, 8 new tokens per turn, one microbatch, no rollout of other cases
+no full fine-tuning update of ours (the paper's LoRA update against torch's full one), and the log-prob pass
+timed only inside the update (pass + step).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
@@ -43,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from configs import rl as rl_config
+from experiments.bench_json import result_row, write_results
 from experiments.bench_train import matmul_flops, median_time
 from promed_jax.rl import loop
 from promed_jax.rl import step as step_lib
@@ -53,7 +60,7 @@ def build(args, lora: bool) -> loop.Stage2:
     c = rl_config.get_config("smollm")
     c.model.lora_rank = 8 if lora else 0
     c.model.remat = True  # without it the update's activations took the process past 13.9 GB (OOM-killed)
-    c.grpo.batch_cases, c.grpo.num_generations, c.grpo.eval_every = 2, 4, 0
+    c.grpo.batch_cases, c.grpo.num_generations, c.grpo.eval_every = args.batch_cases, args.generations, 0
     c.grpo.grad_accum = args.grad_accum  # 1 microbatch of 8 rows took the process past 14 GB (OOM-killed)
     c.sampling.max_new_tokens = args.max_new_tokens
     c.consult.max_questions = args.max_questions
@@ -75,17 +82,17 @@ def update_arrays(stage: loop.Stage2, rollout) -> dict:
     return step_lib.update_batch(rollout.tokens, rollout.role_mask, rollout.lengths, advantages, pad_id=pad)
 
 
-def ours(stage: loop.Stage2, arrays: dict, reps: int) -> dict[str, float]:
+def ours(stage: loop.Stage2, arrays: dict, reps: int, *, passes: bool = True) -> dict[str, float]:
     up = stage.updater
     start = time.perf_counter()
     up.update(arrays, batch_index=0)  # compiles the pass and the step
     compile_s = time.perf_counter() - start
-    pass_s = median_time(lambda: up.logprobs(arrays), reps)
+    pass_s = median_time(lambda: up.logprobs(arrays), reps) if passes else float("nan")
     update_s = median_time(lambda: up.update(arrays, batch_index=0), reps)
     return {"compile_s": compile_s, "pass_s": pass_s, "update_s": update_s}
 
 
-def theirs(arrays: dict, reps: int) -> dict[str, float]:
+def theirs(arrays: dict, reps: int, *, time_passes: bool = True) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -134,11 +141,15 @@ def theirs(arrays: dict, reps: int) -> dict[str, float]:
         opt.step()
 
     update()
-    return {"pass_s": median_time(passes, reps), "update_s": median_time(update, reps)}
+    pass_s = median_time(passes, reps) if time_passes else float("nan")
+    return {"pass_s": pass_s, "update_s": median_time(update, reps)}
 
 
 def run(args) -> None:
     import torch
+
+    if args.quick:
+        args.batch_cases, args.generations, args.max_questions, args.max_new_tokens, args.grad_accum = 1, 2, 1, 8, 1
 
     torch.set_num_threads(2)
     print(f"load average (1, 5, 15 min): {os.getloadavg()}; jax {jax.__version__}, torch {torch.__version__}")
@@ -148,11 +159,12 @@ def run(args) -> None:
     n_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(stage.updater.policy_model(), nnx.Param)))
     first, first_s, rollout = rollout_rate(stage, 0)
     warm, warm_s, _ = rollout_rate(stage, 0)  # the same cases and keys: the shapes compiled by the first
-    other, other_s, _ = rollout_rate(stage, 1)
+    other, other_s, _ = (float("nan"), float("nan"), None) if args.quick else rollout_rate(stage, 1)
     print(
-        f"rollout 2 cases x 4 generations, <= {args.max_questions} questions, {args.max_new_tokens} new tokens "
-        f"per turn, {rollout.role_mask.sum()} doctor tokens: {first:.1f} doctor tokens/s compiling ({first_s:.1f} "
-        f"s), {warm:.1f} warm ({warm_s:.1f} s), {other:.1f} on other cases ({other_s:.1f} s: new shape buckets)"
+        f"rollout {args.batch_cases} cases x {args.generations} generations, <= {args.max_questions} questions, "
+        f"{args.max_new_tokens} new tokens per turn, {rollout.role_mask.sum()} doctor tokens: {first:.1f} doctor "
+        f"tokens/s compiling ({first_s:.1f} s), {warm:.1f} warm ({warm_s:.1f} s), {other:.1f} on other cases "
+        f"({other_s:.1f} s: new shape buckets)"
     )
     if args.rollout_only:
         return
@@ -162,15 +174,16 @@ def run(args) -> None:
         f"update batch: {arrays['tokens'].shape[0]} rows x {arrays['tokens'].shape[1]} padded, {tokens:.0f} real "
         f"tokens, {arrays['weights'].sum()} doctor tokens"
     )
-    results = {"torch (full)": theirs(arrays, args.reps)}
+    results = {"torch (full)": theirs(arrays, args.reps, time_passes=not args.quick)}
     print(f"torch (full): {results['torch (full)']}", flush=True)
-    results["ours (LoRA)"] = ours(stage, arrays, args.reps)
+    results["ours (LoRA)"] = ours(stage, arrays, args.reps, passes=not args.quick)
     print(f"ours (LoRA): {results['ours (LoRA)']}", flush=True)
     del stage
-    full = build(args, lora=False)
-    results["ours (full)"] = ours(full, arrays, args.reps)
-    print(f"ours (full): {results['ours (full)']}", flush=True)
-    del full
+    if not args.quick:
+        full = build(args, lora=False)
+        results["ours (full)"] = ours(full, arrays, args.reps)
+        print(f"ours (full): {results['ours (full)']}", flush=True)
+        del full
     print(f"load average now: {os.getloadavg()}")
     print("update | compile s | pass s | pass+step s | tokens/s | MFU | tokens/s vs torch")
     base = tokens / results["torch (full)"]["update_s"]
@@ -181,11 +194,38 @@ def run(args) -> None:
             f"{name} | {r.get('compile_s', float('nan')):.1f} | {r['pass_s']:.2f} | {r['update_s']:.2f} | "
             f"{rate:.1f} | {flops / peak:.1%} | {rate / base:.2f}x"
         )
+    torch_r = results.pop("torch (full)")
+    rows = [
+        result_row(
+            f"GRPO update (pass + step), {name} vs torch full",
+            "tok/s",
+            tokens / r["update_s"],
+            tokens / torch_r["update_s"],
+            compile_s=r["compile_s"],
+        )
+        for name, r in results.items()
+    ]
+    if not args.quick:
+        rows.append(
+            result_row(
+                "GRPO log-prob pass (old + ref)",
+                "s",
+                results["ours (LoRA)"]["pass_s"],
+                torch_r["pass_s"],
+                better="lower",
+            )
+        )
+    rows.append(result_row("GRPO rollout, warm", "doctor tok/s", warm, None, compile_s=first_s - warm_s))
+    write_results(args.json, "bench_grpo", rows, reps=args.reps)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the smoke size (see the module docstring)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", type=pathlib.Path, help="also write the results here (experiments/bench_json.py)")
+    p.add_argument("--batch-cases", type=int, default=2)
+    p.add_argument("--generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-questions", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=4, help="microbatches per optimizer step (ours)")

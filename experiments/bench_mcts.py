@@ -16,12 +16,17 @@ B = 1: <= 1/8 for the tiny model, <= 1/2 for SmolLM2). The load average is print
 
     python experiments/bench_mcts.py                     # both models (SmolLM2: several minutes)
     python experiments/bench_mcts.py --models tiny --reps 2
+    python experiments/bench_mcts.py --quick --json out.json   # experiments/run_benchmarks.py's size
+
+`--quick`: the tiny model only, 16 new tokens per turn, B = 8 against B = 1 (5 searches each), and the scripted
+doctor at 5 simulations only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -33,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from configs import mcts as mcts_config
+from experiments.bench_json import result_row, write_results
 from promed_jax.backends import make_backend
 from promed_jax.consult.patients import FactSelectPatient
 from promed_jax.data import synthetic
@@ -87,16 +93,17 @@ def timed_search(cases, doctor, settings):
     return wall / n, calls, stats
 
 
-def bench_model(name: str, args) -> None:
+def bench_model(name: str, args) -> list[dict]:
     settings = trajectories.SearchSettings(
         iterations=5, max_children=8, max_new_tokens=args.new_tokens, seed=0, leaf_value="zero"
     )
     t0 = time.perf_counter()
-    doctor = load(PRESETS[name], 32)
+    big = args.batch
+    doctor = load(PRESETS[name], big)
     print(f"\n## {name}: load {time.perf_counter() - t0:.1f}s; {args.new_tokens} new tokens per turn, 5 simulations")
-    cases = synthetic.make_cases(1 + args.reps + 32 * (1 + args.reps32), seed=7)
-    rows = {}
-    for batch, reps in ((1, args.reps), (32, args.reps32)):
+    cases = synthetic.make_cases(1 + args.reps + big * (1 + args.reps32), seed=7)
+    rows, out = {}, []
+    for batch, reps in ((1, args.reps), (big, args.reps32)):
         pool = cases[: 1 + reps] if batch == 1 else cases[1 + args.reps :]
         groups = [pool[i * batch : (i + 1) * batch] for i in range(1 + reps)]
         first, _, _ = timed_search(groups[0], doctor, settings)
@@ -104,28 +111,37 @@ def bench_model(name: str, args) -> None:
         per_case = statistics.median(m[0] for m in measured)
         rows[batch] = (per_case, measured[0][1], measured[-1][2])
         compile_s = (first - per_case) * batch
+        out.append(
+            result_row(
+                f"MCTS search {name}, B = {batch}", "s/case", per_case, None, better="lower", compile_s=compile_s
+            )
+        )
         print(
             f"B={batch:2d}: {per_case:.3f} s/case (median of {reps} searches of {batch} cases; warm-up search "
             f"{first * batch:.1f}s, compile ~{compile_s:.1f}s); per case: "
             + ", ".join(f"{k} {v:.3g}" for k, v in measured[0][1].items())
             + f"; load {os.getloadavg()[0]:.1f}"
         )
-    ratio = rows[32][0] / rows[1][0]
+    ratio = rows[big][0] / rows[1][0]
     goal = 1 / 8 if name == "tiny" else 1 / 2
-    print(f"per-case wall B=32 / B=1: {ratio:.3f} (goal <= {goal:.3g}: {'met' if ratio <= goal else 'NOT met'})")
-    stats = rows[32][2]
     print(
-        f"trees at B=32: nodes {np.mean([s.nodes for s in stats]):.1f}, depth mean {np.mean([s.depth for s in stats]):.2f} max {max(s.depth for s in stats)}, dialogues {np.mean([s.dialogues for s in stats]):.1f}, distinct {np.mean([s.distinct for s in stats]):.1f}, best SIG mean "
+        f"per-case wall B={big} / B=1: {ratio:.3f} (goal at B=32 <= {goal:.3g}: "
+        f"{'met' if ratio <= goal else 'NOT met'})"
+    )
+    stats = rows[big][2]
+    print(
+        f"trees at B={big}: nodes {np.mean([s.nodes for s in stats]):.1f}, depth mean {np.mean([s.depth for s in stats]):.2f} max {max(s.depth for s in stats)}, dialogues {np.mean([s.dialogues for s in stats]):.1f}, distinct {np.mean([s.distinct for s in stats]):.1f}, best SIG mean "
         f"{np.mean([s.best_total_sig for s in stats]):.3f}"
     )
+    return out
 
 
-def bench_exhaustive() -> None:
+def bench_exhaustive(simulations: tuple[int, ...]) -> None:
     cases = synthetic.make_cases(32, seed=11)
     rng = np.random.default_rng(0)
     weights = [rng.dirichlet(np.ones(c.n_facts)) for c in cases]
     print("\n## scripted candidate doctor (2 questions + 1 answer per state), 32 synthetic cases, 2 questions max")
-    for iterations in (5, 50, 200):
+    for iterations in simulations:
         settings = trajectories.SearchSettings(iterations=iterations, max_children=8, max_questions=2)
         doctor, patient = CandidateDoctor(width=2, pick="cycle"), FactSelectPatient()
         t0 = time.perf_counter()
@@ -154,18 +170,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="B=1 searches measured per model")
     parser.add_argument("--reps32", type=int, default=0, help="B=32 searches measured (default 5 tiny, 1 smollm)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32, help="trees searched together, against B = 1")
+    parser.add_argument("--quick", action="store_true", help="the smoke size (see the module docstring)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results here (experiments/bench_json.py)")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.new_tokens, args.batch, args.reps32 = "tiny", 16, 8, args.reps
     import jax
 
     print(f"load average (1, 5, 15 min): {os.getloadavg()}; cpus: {os.cpu_count()}; jax {jax.__version__}")
-    bench_exhaustive()
+    bench_exhaustive((5,) if args.quick else (5, 50, 200))
+    results = []
     for name in args.models.split(","):
         model_args = argparse.Namespace(**vars(args))
         if not args.reps32:
             model_args.reps32 = 5 if name == "tiny" else 1
         if name == "smollm" and args.reps > 3:
             model_args.reps = 3
-        bench_model(name, model_args)
+        results += bench_model(name, model_args)
+    write_results(args.json, "bench_mcts", results, reps=args.reps)
 
 
 if __name__ == "__main__":

@@ -28,24 +28,31 @@ at S = 8192 that is ~2 x 30 x 6 MB per step, comparable with the weights (a cach
 avoid it; the layout is the model's contract). Our compile time (prefill + decode) was ~18 s under that load.
 
     python experiments/bench_sampler.py            # the real run (several minutes; needs a quiet machine)
-    python experiments/bench_sampler.py --quick    # smoke run: tiny sizes, 1 repetition
+    python experiments/bench_sampler.py --quick    # smoke run: tiny sizes, 1 repetition (--reps 5 for medians)
+    python experiments/bench_sampler.py --quick --reps 5 --json out.json   # experiments/run_benchmarks.py's run
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # experiments/ is not an installed package
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.bench_json import result_row, write_results
 from promed_jax import assets
 from promed_jax.models.checkpoints import load_gguf
 from promed_jax.models.transformer import causal_mask, init_cache, positions_from_mask
@@ -81,8 +88,13 @@ def torch_generate(model, prompts, new_tokens):
     def run():
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                use_cache=True,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
             )
         assert out.shape[1] == ids.shape[1] + new_tokens
         return out
@@ -176,12 +188,13 @@ def profile_decode_step(model, split, batch: int, cache_size: int, reps: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repetition")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repetition by default")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per median (default 5, --quick 1)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results here (experiments/bench_json.py)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="also time the parts of one decode step")
     args = parser.parse_args()
-    reps = 1 if args.quick else args.reps
+    reps = args.reps or (1 if args.quick else 5)
     new_tokens = 8 if args.quick else args.new_tokens
     fwd_batch, fwd_len = (2, 32) if args.quick else (32, 256)
 
@@ -189,8 +202,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
-    print(f"load average (1, 5, 15 min): {os.getloadavg()}; cpus: {os.cpu_count()}; jax {jax.__version__}, "
-          f"torch {torch.__version__}")
+    print(
+        f"load average (1, 5, 15 min): {os.getloadavg()}; cpus: {os.cpu_count()}; jax {jax.__version__}, "
+        f"torch {torch.__version__}"
+    )
     path = assets.smollm2_gguf_path()
     tokenizer = load_tokenizer(path)
     model = load_gguf(path)
@@ -208,7 +223,8 @@ def main() -> None:
     steady = median_time(ours_generate(split, [prompt], new_tokens), 1) + median_time(
         ours_generate(split, [prompt], 1), 1
     )
-    print(f"our compile time (prefill + decode, batch 1): {first - steady:.1f} s")
+    compile_s = first - steady
+    print(f"our compile time (prefill + decode, batch 1): {compile_s:.1f} s")
 
     rows = []
     for batch in (1, 8):
@@ -221,16 +237,20 @@ def main() -> None:
         rows.append((batch, our_rate, hf_rate, our_prefill, hf_prefill))
     print("batch | ours tok/s | transformers tok/s | ratio | ours prefill s | transformers prefill s")
     for batch, our_rate, hf_rate, our_prefill, hf_prefill in rows:
-        print(f"{batch:5d} | {our_rate:10.1f} | {hf_rate:18.1f} | {our_rate / hf_rate:5.2f} | {our_prefill:14.3f} | "
-              f"{hf_prefill:22.3f}")
+        print(
+            f"{batch:5d} | {our_rate:10.1f} | {hf_rate:18.1f} | {our_rate / hf_rate:5.2f} | {our_prefill:14.3f} | "
+            f"{hf_prefill:22.3f}"
+        )
 
     bw_jax, bw_torch = matvec_bandwidth(reps)
     bandwidth = max(bw_jax, bw_torch)
     weight_bytes = weight_bytes_per_decode_token(cfg)
     bound = bandwidth / weight_bytes
-    print(f"matrix-vector read bandwidth: jax {bw_jax / 1e9:.1f} GB/s, torch {bw_torch / 1e9:.1f} GB/s; "
-          f"{weight_bytes / 1e6:.0f} MB of weights per decode token -> batch-1 bound {bound:.1f} tok/s; "
-          f"ours reaches {rows[0][1] / bound:.0%} of it, transformers {rows[0][2] / bound:.0%}")
+    print(
+        f"matrix-vector read bandwidth: jax {bw_jax / 1e9:.1f} GB/s, torch {bw_torch / 1e9:.1f} GB/s; "
+        f"{weight_bytes / 1e6:.0f} MB of weights per decode token -> batch-1 bound {bound:.1f} tok/s; "
+        f"ours reaches {rows[0][1] / bound:.0%} of it, transformers {rows[0][2] / bound:.0%}"
+    )
 
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (fwd_batch, fwd_len), 0, cfg.vocab_size), np.int32)
     valid = jnp.ones(tokens.shape, bool)
@@ -252,8 +272,16 @@ def main() -> None:
     print(f"forward {fwd_batch} x {fwd_len} | tokens/s | GFLOP/s | MFU (own matmul) | MFU (best matmul)")
     for name, seconds, own in (("ours", t_ours, peak_jax), ("transformers", t_hf, peak_torch)):
         rate = flops / seconds
-        print(f"{name:>12} | {tokens.size / seconds:8.0f} | {rate / 1e9:7.1f} | {rate / own:16.0%} | "
-              f"{rate / peak:17.0%}")
+        print(
+            f"{name:>12} | {tokens.size / seconds:8.0f} | {rate / 1e9:7.1f} | {rate / own:16.0%} | {rate / peak:17.0%}"
+        )
+    results = [
+        result_row(f"decode, batch {batch}", "tok/s", ours_rate, hf_rate, compile_s=compile_s if batch == 1 else None)
+        for batch, ours_rate, hf_rate, _, _ in rows
+    ]
+    results.append(result_row("prefill, batch 1", "s", rows[0][3], rows[0][4], better="lower"))
+    results.append(result_row(f"forward {fwd_batch} x {fwd_len}", "tok/s", tokens.size / t_ours, tokens.size / t_hf))
+    write_results(args.json, "bench_sampler", results, reps=reps)
 
     if args.profile:
         cache_size = 64 + new_tokens

@@ -18,6 +18,7 @@ from our times and reported apart; the load average is printed because the machi
 
     python experiments/bench_shapley.py --cases 8         # the real run (about 20 min on 2 idle cores)
     python experiments/bench_shapley.py --quick           # 2 five-fact cases, a smoke test
+    python experiments/bench_shapley.py --quick --methods exact,ks8 --json out.json   # run_benchmarks.py
     python experiments/bench_shapley.py --ab 3e097ad --cases 3 --reps 5   # per-coalition cost: that commit's game vs ours
 
 `--ab COMMIT` times only the game: all 2^n coalitions (exact enumeration, the default up to n = 10) of each
@@ -41,9 +42,14 @@ import time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # experiments/ is not an installed package
+
 import jax
 import numpy as np
 
+from experiments.bench_json import result_row, write_results
 from promed_jax import assets, registry
 from promed_jax.data.cases import Case, load_cases
 from promed_jax.models.checkpoints import load_gguf
@@ -229,8 +235,9 @@ def ab_run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="2 five-fact cases: a smoke test")
+    parser.add_argument("--cases", type=int, default=None, help="cases measured (default 8, --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="five-fact cases only (2 unless --cases): a smoke test")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results here (experiments/bench_json.py)")
     parser.add_argument("--data", type=pathlib.Path, default=DATA)
     parser.add_argument("--min-facts", type=int, default=5)
     parser.add_argument("--max-facts", type=int, default=8)
@@ -247,10 +254,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="--ab: alternating timed runs per game and case")
     args = parser.parse_args()
     if args.ab:
+        args.cases = args.cases or 8
         ab_run(args)
         return
     if args.quick:
-        args.cases, args.min_facts, args.max_facts = 2, 5, 5
+        args.cases, args.min_facts, args.max_facts = args.cases or 2, 5, 5
+    args.cases = args.cases or 8
     if args.max_facts > 10:
         sys.exit("error against exact enumeration is measured for n <= 10 only")
     if args.random_weights is None and not assets.smollm2_available():
@@ -307,6 +316,20 @@ def main() -> None:
 
     report(rows)
     print(f"JAX compilation, all cases and estimators together (not in the times above): {clock.seconds:.1f} s")
+    paper = "(a) paper: torch, batch 1, truncated MC"
+    sizes = f"n = {min(r['n'] for r in rows)}-{max(r['n'] for r in rows)}"
+    results = [
+        result_row(
+            f"Shapley s/case ({sizes}), ours {key[4:]} vs torch paper tmc",
+            "s/case",
+            statistics.median(r[key][0] for r in rows),
+            statistics.median(r[paper][0] for r in rows),
+            better="lower",
+            compile_s=clock.seconds if i == 0 else None,
+        )
+        for i, key in enumerate(k for k in rows[0] if k.startswith("(b)"))
+    ]
+    write_results(args.json, "bench_shapley", results, reps=len(rows))
     print(
         "first (cold) runs of ours, beyond compilation and the warm time, all estimators of a case together: "
         f"median {statistics.median(r['cold extra'] for r in rows):.1f} s per case"

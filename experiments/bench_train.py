@@ -19,7 +19,8 @@ its steady-state time on CPU, give or take allocation); torch's first step is al
 
     nice -n 10 python experiments/bench_train.py            # the real run (several minutes)
     nice -n 10 python experiments/bench_train.py --grpo     # the GRPO step (experiments/bench_grpo.py)
-    python experiments/bench_train.py --quick               # smoke run: tiny sizes, 1 repetition
+    python experiments/bench_train.py --quick               # smoke run: tiny sizes, 1 repetition (--reps 5)
+    python experiments/bench_train.py --grpo --quick        # the GRPO step at its smoke size
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from experiments.bench_json import result_row, write_results
 from experiments.bench_sampler import matmul_flops, median_time  # one timing rule for every benchmark
 from promed_jax import assets
 from promed_jax.models.checkpoints import load_gguf
@@ -131,23 +133,22 @@ def theirs(batch: dict, *, reps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 32 tokens, one repetition")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 32 tokens, one repetition by default")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per median (default 5, --quick 1)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results here (experiments/bench_json.py)")
     parser.add_argument("--no-remat", action="store_true")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--lora", action="store_true", help="also time our LoRA step (adapters on q, v, r = 8)")
     parser.add_argument("--grpo", action="store_true", help="the GRPO step instead (experiments/bench_grpo.py)")
     args, rest = parser.parse_known_args()
+    reps = args.reps or (1 if args.quick else 5)
     if args.grpo:
-        import sys
-
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from experiments import bench_grpo
 
-        bench_grpo.run(bench_grpo.parser().parse_args(rest + [f"--reps={args.reps}"]))
+        passed = [f"--reps={reps}"] + ["--quick"] * args.quick + ([f"--json={args.json}"] if args.json else [])
+        bench_grpo.run(bench_grpo.parser().parse_args(rest + passed))
         return
-    reps = 1 if args.quick else args.reps
     rows, length = (2, 32) if args.quick else (8, 512)
 
     import torch
@@ -193,6 +194,24 @@ def main() -> None:
             f"{name} | {rate:8.1f} | {6 * n_params * rate / peak:5.1%} | {r['forward_s']:.2f} | "
             f"{r['backward_s']:.2f} | {r['step_s']:.2f} | {rate / base:.2f}x"
         )
+    torch_r = results.pop("torch (full)")
+    rows_out = [
+        result_row(
+            f"SFT step {rows} x {length}, {name} vs torch full",
+            "tok/s",
+            tokens / r["step_s"],
+            tokens / torch_r["step_s"],
+            compile_s=r["compile_s"],
+        )
+        for name, r in results.items()
+    ]
+    if args.microbatches == 1:  # our forward is timed on the first microbatch only
+        full = results["ours (full)"]
+        rows_out.append(result_row("SFT forward (loss)", "s", full["forward_s"], torch_r["forward_s"], better="lower"))
+        rows_out.append(
+            result_row("SFT forward + backward", "s", full["backward_s"], torch_r["backward_s"], better="lower")
+        )
+    write_results(args.json, "bench_train", rows_out, reps=reps)
 
 
 if __name__ == "__main__":
