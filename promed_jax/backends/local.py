@@ -18,9 +18,10 @@ itself. Greedy calls ignore keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +30,7 @@ from flax import nnx
 from promed_jax import registry
 from promed_jax.backends.base import Message
 from promed_jax.sampling.keys import row_key
+from promed_jax.sampling.prefix_cache import PrefixCache
 from promed_jax.sampling.sampler import (
     SampledTurn,
     SamplingConfig,
@@ -51,6 +53,8 @@ class LocalBackend:
         `max_new_tokens`, temperature, EOS ids and stop sequences (data to the compiled sampler).
       seed: base of the keys drawn when a call passes none (module doc).
       max_batch: conversations per sampler call (bounds memory; smaller batches compile another bucket).
+      prefix_cache: while set (`caching_prefixes`), every prompt's KV is kept and a prompt extending a cached
+        one prefills only its new tokens (the MCTS search sets it for one batch of trees).
     """
 
     graphdef: nnx.GraphDef
@@ -59,6 +63,7 @@ class LocalBackend:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     seed: int = 0
     max_batch: int = 16
+    prefix_cache: PrefixCache | None = None
     _seen: dict[bytes, int] = dataclasses.field(default_factory=dict, repr=False)  # prompt hash -> rows sampled
 
     @classmethod
@@ -67,6 +72,15 @@ class LocalBackend:
             model.materialize_head()
         graphdef, params = nnx.split(model)
         return cls(graphdef=graphdef, params=params, tokenizer=tokenizer, **kwargs)
+
+    @contextlib.contextmanager
+    def caching_prefixes(self, max_bytes: int) -> Iterator[PrefixCache]:
+        """Keep prompt KV caches (at most `max_bytes`, 0: unbounded) for the calls inside the block."""
+        self.prefix_cache = PrefixCache(max_bytes=max_bytes)
+        try:
+            yield self.prefix_cache
+        finally:
+            self.prefix_cache = None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -127,7 +141,9 @@ class LocalBackend:
         turns: list[SampledTurn] = []
         for start in range(0, len(ids), self.max_batch):
             end = start + self.max_batch
-            out = generate(self.graphdef, self.params, ids[start:end], config, keys[start:end])
+            out = generate(
+                self.graphdef, self.params, ids[start:end], config, keys[start:end], prefix=self.prefix_cache
+            )
             if stop:
                 out = truncate_at_stop_strings(self.tokenizer, out, stop, pad_id=self.pad_id)
             turns += sampled_turns(self.tokenizer, out, stop)

@@ -32,6 +32,7 @@ position, so the trees of a batch equal the same trees searched alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -306,6 +307,11 @@ class DialogueEnv:
         return reward, discount, value, priors, self._embedding_arrays(rows, dead)
 
     def _sample(self, conversations: list[list[Message]], keys) -> list[str]:
+        cache = getattr(self.doctor, "prefix_cache", None)
+        if cache is not None and self.max_state_bytes:
+            # The KV prefix cache and the host tables share the budget; the cache gives way.
+            cache.max_bytes = max(1, self.max_state_bytes - self.state_bytes)
+            cache.shrink()
         return self.doctor.chat(conversations, max_tokens=self.max_new_tokens, temperature=self.temperature, keys=keys)
 
     def _priors(self, node: HostNode) -> np.ndarray:
@@ -497,7 +503,15 @@ def _search(token, root, keys, invalid, *, policy: str, num_simulations: int, c_
 
 
 def search(env: DialogueEnv, keys, *, policy: str, num_simulations: int, c_uct: float) -> mctx.Tree:
-    """Searches the environment's B trees: mctx's loop compiled once per shape, the host step called from it."""
+    """Searches the environment's B trees: mctx's loop compiled once per shape, the host step called from it.
+    A doctor that can (`LocalBackend.caching_prefixes`) keeps prompt KV caches for the search, within
+    `max_state_bytes`: a node's turn then prefills only the tokens its dialogue adds to an earlier prompt."""
+    caching = getattr(env.doctor, "caching_prefixes", None)
+    with caching(env.max_state_bytes) if caching else contextlib.nullcontext():
+        return _search_with(env, keys, policy=policy, num_simulations=num_simulations, c_uct=c_uct)
+
+
+def _search_with(env: DialogueEnv, keys, *, policy: str, num_simulations: int, c_uct: float) -> mctx.Tree:
     root = env.root()
     token = next(_TOKENS)
     _ACTIVE[token] = env

@@ -44,6 +44,10 @@ class KVCache:
     def size(self) -> int:
         return self.k[0].shape[1]
 
+    def tuples(self) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """(keys per layer, values per layer)."""
+        return self.k, self.v
+
     def grow(self, batch: int, extra_slots: int) -> KVCache:
         """This cache broadcast to `batch` rows, with `extra_slots` empty slots appended: e.g. a shared prompt
         prefix computed once for one row, then continued separately by every row. Use it rather than

@@ -42,6 +42,7 @@ from flax import nnx
 from transformers import PreTrainedTokenizerBase
 
 from promed_jax.models.transformer import KVCache, init_cache, positions_from_mask
+from promed_jax.sampling.prefix_cache import PrefixCache
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -236,6 +237,7 @@ def generate(
     rng: jax.Array,
     *,
     prefill_chunk: int = PREFILL_CHUNK,
+    prefix: PrefixCache | None = None,
 ) -> SampleOutput:
     """Sample continuations of `prompts` (token ids, lengths may differ) from the model `(graphdef, params)`.
 
@@ -246,6 +248,9 @@ def generate(
     Split the model once with `graphdef, params = nnx.split(model)` (after `model.materialize_head()` for a
     tied embedding: the logits then read a `[D, V]` head) and pass both on every call. `prefill_chunk` (a
     power of two) bounds the prefill's logits to [B, prefill_chunk, V].
+
+    With a `prefix` cache, each row's longest cached prefix is taken from it and only the last Q buffer slots
+    are prefilled (Q the power-of-two bucket of the longest uncached suffix); every prompt's KV is added after.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -258,11 +263,18 @@ def generate(
     keys = per_row_keys(rng, len(prompts), batch)
     static = compiled_part(config, new_len)
     controls = make_controls(config)
-    chunk = min(prompt_len, next_power_of_two(prefill_chunk))
+    cached = prefix_slots(prefix, prompts, batch, prompt_len) if prefix is not None else None
+    start = 0 if cached is None else cached.size
+    chunk = min(prompt_len - start, next_power_of_two(prefill_chunk))
     limit = np.int32(config.max_new_tokens)
-    state = _prefill(graphdef, params, tokens, valid, done, keys, limit, controls, config=static, chunk=chunk)
+    state = _prefill(graphdef, params, tokens, valid, done, keys, limit, controls, cached, config=static, chunk=chunk)
     state = _decode(graphdef, params, state, controls, config=static)
     n = len(prompts)
+    if prefix is not None:
+        # Decode writes only slots >= P, so the prompt slots still hold every prompt's KV.
+        prompt_kv = np.stack([np.stack([np.asarray(x[:n, :prompt_len]) for x in xs]) for xs in state.cache.tuples()])
+        for b, prompt in enumerate(prompts):
+            prefix.add(prompt, prompt_kv[:, :, b, prompt_len - len(prompt) :].copy())
     return SampleOutput(
         tokens=np.asarray(state.tokens)[:n, prompt_len : prompt_len + config.max_new_tokens],
         logprobs=np.asarray(state.logprobs)[:n, : config.max_new_tokens],
@@ -273,10 +285,22 @@ def generate(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"))
 def _prefill(
-    graphdef, params, tokens, valid, done, rng, limit, controls: Controls, *, config: SamplingConfig, chunk: int
+    graphdef,
+    params,
+    tokens,
+    valid,
+    done,
+    rng,
+    limit,
+    controls: Controls,
+    cached: KVCache | None,
+    *,
+    config: SamplingConfig,
+    chunk: int,
 ) -> SamplerState:
     """Run the prompts [B, P] through the model into a fresh cache, `chunk` tokens at a time (only the last
-    position's logits are kept, so memory holds [B, chunk, V] logits, not [B, P, V]); sample the first token."""
+    position's logits are kept, so memory holds [B, chunk, V] logits, not [B, P, V]); sample the first token.
+    `cached` holds the KV of the first C slots (taken from a prefix cache): only slots [C, P) are prefilled."""
     model = nnx.merge(graphdef, params)
     batch, prompt_len = tokens.shape
     size = prompt_len + config.max_new_tokens
@@ -302,8 +326,10 @@ def _prefill(
         )
         return cache, logits[:, -1]
 
-    empty = (init_cache(model.config, batch, size), jnp.zeros((batch, model.config.vocab_size), jnp.float32))
-    cache, last_logits = jax.lax.fori_loop(0, prompt_len // chunk, prefill_chunk, empty)
+    start = 0 if cached is None else cached.size
+    cache = init_cache(model.config, batch, size) if cached is None else cached.grow(batch, size - start)
+    empty = (cache, jnp.zeros((batch, model.config.vocab_size), jnp.float32))
+    cache, last_logits = jax.lax.fori_loop(start // chunk, prompt_len // chunk, prefill_chunk, empty)
     state = SamplerState(
         tokens=jnp.pad(tokens, ((0, 0), (0, config.max_new_tokens)), constant_values=config.pad_id),
         valid=slot_valid,
@@ -338,6 +364,26 @@ def _decode(graphdef, params, state: SamplerState, controls: Controls, *, config
         return _append_sampled(dataclasses.replace(s, cache=cache), logits[:, 0], controls, config)
 
     return jax.lax.while_loop(running, step, state)
+
+
+def prefix_slots(prefix: PrefixCache, prompts: Sequence[Sequence[int]], batch: int, prompt_len: int) -> KVCache | None:
+    """The KV of the buffer slots [0, P - Q) from `prefix` (rows left-padded to `prompt_len`), Q the bucket of
+    the longest uncached suffix; None when nothing is cached (then every slot is prefilled)."""
+    found = [prefix.longest(p) for p in prompts]
+    suffix = next_power_of_two(max(len(p) - n for p, (n, _) in zip(prompts, found, strict=True)), MIN_PROMPT_BUCKET)
+    start = prompt_len - min(suffix, prompt_len)
+    prefix.reused += sum(n for n, _ in found)
+    prefix.computed += sum(len(p) for p in prompts) - sum(n for n, _ in found)
+    kvs = [kv for _, kv in found if kv is not None]
+    if start == 0 or not kvs:
+        return None
+    two, layers, _, heads, dim = kvs[0].shape
+    slots = np.zeros((two, layers, batch, start, heads, dim), kvs[0].dtype)
+    for b, (prompt, (_, kv)) in enumerate(zip(prompts, found, strict=True)):
+        first = prompt_len - len(prompt)  # the row's first slot; its slots before `start` are all cached
+        if first < start:
+            slots[:, :, b, first:start] = kv[:, :, : start - first]
+    return KVCache(k=tuple(slots[0]), v=tuple(slots[1]))
 
 
 def _append_sampled(state: SamplerState, logits: jax.Array, controls: Controls, config: SamplingConfig) -> SamplerState:
