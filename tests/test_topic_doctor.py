@@ -150,3 +150,13 @@ def test_topic_source_needs_case_files():
     config.sft.source = "topic"
     with pytest.raises(ConfigError, match=r"^config sft.source='topic' needs data.kind='files'"):
         config_check.check_sft_source(config.sft, config.data)
+
+
+def test_a_template_too_close_to_its_fact_is_not_used():
+    fact = "The nurse asks what is your temperature and finds it at 39°C."
+    name, questions = td.candidate_questions(fact)
+    assert name == "vitals/temperature" and questions
+    assert "What is your temperature?" not in questions
+    for seed in range(20):
+        for q in td.plan_case(_case([fact]), seed=seed, max_questions=1).questions:
+            assert not td.shares_run(q.text, fact)
