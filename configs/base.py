@@ -201,10 +201,11 @@ def sft_config() -> ml_collections.ConfigDict:
     c.eval_fraction = 0.1  # cases whose dialogues are held out for the eval loss (by a hash of the case id)
     c.eval_every = 20  # steps between held-out evaluations (and at the end)
     # 'naive': the scripted naive doctor's dialogues of the configured synthetic cases (the warm start);
+    # 'topic': the scripted topic doctor's dialogues of the configured real cases (needs data.kind='files');
     # 'files': the dialogue files below (MCTS exports or any file of the export schema)
     c.source = "naive"
     c.dialogues = ()
-    c.naive_max_questions = 6  # the naive doctor asks 0..naive_max_questions random findings per case
+    c.naive_max_questions = 6  # the naive (topic) doctor asks 0..naive_max_questions findings (facts) per case
     c.seed = 0  # batch order, dropout keys and the naive doctor
     return c
 

@@ -3,7 +3,8 @@
 Presets (the paper's SFT settings are unknown; these are ours):
 - tiny (default): the random tiny model, fully fine-tuned on the scripted naive doctor's dialogues of the
   synthetic clinic: the CPU warm start that teaches a fresh model the protocol.
-- smollm: SmolLM2-135M-Instruct, LoRA (the paper's r = 8, alpha = 32 on q, v), the same warm start.
+- smollm: SmolLM2-135M-Instruct, LoRA (the paper's r = 8, alpha = 32 on q, v), warm-started on the scripted
+  topic doctor's consultations of the MedQA dev file's training split (`sft.source='topic'`).
 - qwen7b / llama8b: LoRA in bfloat16 with remat, batch 16 in 4 microbatches, an fsdp mesh; point
   `--config.sft.source=files --config.sft.dialogues="('<workdir>/mcts/<file>.jsonl',)"` at MCTS's selected
   dialogues (the synthetic warm start is the default here too).
@@ -30,6 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sft.batch_size = 8
         c.sft.epochs = 3
     elif preset == "smollm":
+        # The MedQA warm start: the topic doctor consults the training split of the MedQA dev file.
+        c.data.kind = "files"
+        c.data.paths = (base.MEDQA_PATH,)
+        c.sft.source = "topic"
         c.sft.learning_rate = 2e-4
         c.sft.batch_size = 8
         c.sft.epochs = 2

@@ -25,7 +25,7 @@ OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("shapley", "uniform")  # shapley.cache.load_weights
 SIG_MODES = ("exact", "paper")  # promed.md §2
 DTYPES = ("float32", "bfloat16")
-SFT_SOURCES = ("naive", "files")  # promed_jax.training.run.SOURCES
+SFT_SOURCES = ("naive", "topic", "files")  # promed_jax.training.run.SOURCES
 
 
 def _number(value: Any) -> bool:
@@ -378,6 +378,15 @@ def check_sft(sft: Mapping[str, Any]) -> None:
             raise ConfigError(f"config sft.dialogues: no such file {path!r}")
 
 
+def check_sft_source(sft: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """The topic doctor asks about real cases' facts: it needs case files (the naive doctor plays the clinic)."""
+    if sft["source"] == "topic" and data["kind"] != "files":
+        raise ConfigError(
+            f"config sft.source='topic' needs data.kind='files' (real cases), got data.kind={data['kind']!r}; "
+            "use sft.source='naive' for the synthetic clinic"
+        )
+
+
 def check_mesh(mesh: Mapping[str, Any]) -> None:
     """Sizes and names a mesh can be built from (`sharding.make_mesh`), on this process's devices."""
     import jax
@@ -428,5 +437,6 @@ def check_run(config: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
     check_shapley(config["shapley"])
     check_grpo(config["grpo"])
     check_sft(config["sft"])
+    check_sft_source(config["sft"], config["data"])
     check_mesh(config["mesh"])
     output_dir(workdir, "eval", config["eval"]["run"], key="eval.run")

@@ -84,8 +84,8 @@ class NaiveDoctor:
         return f"answer: {heard} fit {options[letter]}. 【answer: {letter}】"
 
 
-def dialogue_record(d: Dialogue, *, seed: int, max_questions: int) -> dict:
-    """One line of the dialogue export schema."""
+def dialogue_record(d: Dialogue, *, policy: dict) -> dict:
+    """One line of the dialogue export schema, for a scripted doctor described by `policy`."""
     return {
         "case_id": d.case.id,
         "fingerprint": d.case.fingerprint,
@@ -93,7 +93,7 @@ def dialogue_record(d: Dialogue, *, seed: int, max_questions: int) -> dict:
         "letters": list(d.letters),
         "correct": d.correct,
         "end": d.end,
-        "policy": {"kind": KIND, "seed": seed, "max_questions": max_questions},
+        "policy": policy,
         "search": {"kind": "none"},
         "llm_calls": {"doctor_turns": 0, "patient_replies": d.n_questions},
     }
@@ -111,8 +111,14 @@ def write_dialogues(
     """Consults every case with the naive doctor and writes the file whole (atomically); returns its records."""
     doctor = NaiveDoctor(seed=seed, max_questions=min(max_questions, protocol_max_questions))
     dialogues = consult(cases, doctor, patient, mode="proactive", max_questions=protocol_max_questions)
-    records = [dialogue_record(d, seed=seed, max_questions=max_questions) for d in dialogues]
+    policy = {"kind": KIND, "seed": seed, "max_questions": max_questions}
+    records = [dialogue_record(d, policy=policy) for d in dialogues]
+    write_records(path, records)
+    return records
+
+
+def write_records(path: str | pathlib.Path, records: Sequence[dict]) -> None:
+    """Writes dialogue records as one file, whole and atomically."""
     with atomic_path(path) as tmp, JsonlWriter(tmp) as writer:
         for record in records:
             writer.write(record)
-    return records

@@ -2,7 +2,9 @@
 
 Outputs under `{workdir}/sft/`: `naive_doctor.jsonl` (with `sft.source='naive'`: the scripted naive doctor's
 consultations of the configured synthetic cases, or of `data.synthetic_n` synthetic cases when other data is
-configured: the warm start teaches the protocol), `checkpoints/` (orbax), `metrics.jsonl`
+configured: the warm start teaches the protocol), `topic_doctor.jsonl` (with `sft.source='topic'`: the scripted
+topic doctor's consultations of the configured data cases of the split, real MedQA / CMB cases),
+`checkpoints/` (orbax), `metrics.jsonl`
 (one line per step: loss, lr, grad norm, doctor tokens, tokens/s; eval loss every `sft.eval_every` steps
 and at the end), `loss.png`, `model/` (the final model, LoRA merged) and `run.json` (provenance). A killed
 run resumes from its last checkpoint with the same parameters as an uninterrupted run: the batch order is
@@ -34,6 +36,7 @@ from promed_jax.training.sft import make_sft_loss
 
 STAGE = "sft"
 NAIVE_FILE = "naive_doctor.jsonl"
+TOPIC_FILE = "topic_doctor.jsonl"
 
 
 def stage_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -47,7 +50,8 @@ def run(config, workdir: str) -> pathlib.Path:
 
 
 def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
-    """The dialogues to train on: the naive doctor's (written first if absent) or the configured files."""
+    """The dialogues to train on: the naive or the topic doctor's (written first if absent) or the configured
+    files."""
     sft = config.sft
     if sft.source == "naive":
         path = folder / NAIVE_FILE
@@ -73,6 +77,24 @@ def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
             )
             accuracy = float(np.mean([r["correct"] for r in records])) if records else 0.0
             logging.info("sft: naive doctor: %d dialogues, accuracy %.3f -> %s", len(records), accuracy, path)
+        return data_lib.read_dialogues(path)
+    if sft.source == "topic":
+        path = folder / TOPIC_FILE
+        if not path.exists():
+            from promed_jax.consult.patients import make_patient
+            from promed_jax.data.sources import cases_from_config
+            from promed_jax.training.topic_doctor import write_dialogues
+
+            records = write_dialogues(
+                cases_from_config(config.data, stage=STAGE),
+                make_patient(config.patient),
+                path,
+                seed=sft.seed,
+                max_questions=sft.naive_max_questions,
+                protocol_max_questions=config.consult.max_questions,
+            )
+            asked = sum(len(r["targets"]) for r in records)
+            logging.info("sft: topic doctor: %d dialogues, %d questions -> %s", len(records), asked, path)
         return data_lib.read_dialogues(path)
     records = []
     for path in sft.dialogues:
