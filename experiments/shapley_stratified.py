@@ -5,10 +5,13 @@ runs each as the shapley stage does (`configs/shapley.py:smollm`: its game, its 
 budget), round-robin over the buckets so that a run cut short still covers every bucket. One JSON line per
 case is appended as it goes (resumable: ids already in `--out` are skipped) with n, estimator, coalitions,
 wall time, its JAX compilation part (jax.monitoring events), the groups the memory budget cut calls into,
-the case's peak RSS (VmHWM, reset before each case through /proc/self/clear_refs) and, after it, the
-resident set, the compiled executables held and glibc's heap (in use / freed but kept: where the RSS goes).
-Then it prints a table per bucket and extrapolates the whole file from the buckets' mean warm times (wall -
-compile), weighted by the file's n distribution, plus the compilation seen once.
+the case's process CPU time (user + sys), the 1-minute load average at its start (`load_start`) and end
+(`load`), the case's peak RSS (VmHWM, reset before each case through /proc/self/clear_refs) and, after it,
+the resident set, the compiled executables held and glibc's heap (in use / freed but kept: where the RSS
+goes). Then it prints a table per bucket (wall and CPU seconds side by side) and extrapolates the whole file
+twice, weighted by the file's n distribution: from the buckets' mean warm wall times (wall - compile), plus
+the compilation seen once, and from CPU time divided by the CPU-per-wall ratio of the least loaded cases (on
+a shared machine the wall times are inflated by the other jobs; see `cpu_per_wall`).
 
 `--first IDS` runs those cases before the sample and `--made-up-48` first of all a 48-fact case made of real
 facts (the file's largest case has 35): the facts of medqa_dev_convo:1113 (35) and the first 13 of
@@ -97,21 +100,24 @@ def run_cases(cases: list[Case], out: pathlib.Path, config, extra: frozenset[str
         groups.clear()
         memory.reset_peak_rss()
         compiled = clock.seconds
-        start = time.perf_counter()
+        load_start = os.getloadavg()[0]
+        cpu_start, start = time.process_time(), time.perf_counter()
         _phi, n_evals, plan = run_lib.shapley_values(game, case, config.shapley)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         row = {
             "id": case.id,
             "n": case.n_facts,
             "estimator": plan.name,
             "coalitions": n_evals,
             "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
             "compile_s": round(clock.seconds - compiled, 3),
             "calls": len(groups),
             "max_groups": max(groups, default=0),
             "peak_rss_mb": round(memory.peak_rss_mb(), 1),
             "rss_after_mb": round(memory.rss_mb(), 1),
             "executables": game.executables,
+            "load_start": round(load_start, 2),
             "load": round(os.getloadavg()[0], 2),
         }
         heap = memory.heap_stats()
@@ -122,6 +128,30 @@ def run_cases(cases: list[Case], out: pathlib.Path, config, extra: frozenset[str
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+
+def loads_of(row: dict) -> list[float]:
+    """The 1-minute load averages seen at a case's start and end (older rows have only the end's)."""
+    return [row[k] for k in ("load_start", "load") if k in row]
+
+
+def cpu_per_wall(rows: list[dict]) -> tuple[float | None, int]:
+    """The median CPU s / wall s of the least loaded quarter of the rows (at least 3), and how many that is.
+
+    On a machine shared with other jobs a case's wall time is inflated by the others' load but its CPU time
+    much less, so CPU time divided by the ratio seen when the machine was calmest estimates the wall time an
+    unshared machine would take. None when fewer than 3 rows carry CPU time.
+    """
+    timed = [r for r in rows if "cpu_s" in r and r["wall_s"] > 0]
+    if len(timed) < 3:
+        return None, 0
+    calm = sorted(timed, key=lambda r: statistics.mean(loads_of(r)))[: max(3, len(timed) // 4)]
+    return statistics.median(r["cpu_s"] / r["wall_s"] for r in calm), len(calm)
+
+
+def unloaded_warm(row: dict, ratio: float) -> float:
+    """A case's warm seconds on an unshared machine: CPU s / ratio, less the wall share spent compiling."""
+    return row["cpu_s"] / ratio * (1 - row["compile_s"] / row["wall_s"])
 
 
 def report(out: pathlib.Path, cases: list[Case]) -> None:
@@ -142,33 +172,45 @@ def report(out: pathlib.Path, cases: list[Case]) -> None:
     in_file = [0] * len(BUCKETS)
     for c in cases:
         in_file[bucket_of(c.n_facts)] += 1
+    ratio, calm = cpu_per_wall(rows)
     print(f"\n{len(rows)} cases measured ({out}); the file has {len(cases)} valid cases")
     print(
-        "| n | cases | in file | estimator | coalitions (mean) | wall s (mean) | warm s (mean) | compile s (sum) "
-        "| s / coalition (warm) | peak RSS MB (max) |"
+        "| n | cases | in file | estimator | coalitions (mean) | wall s (median / max) | CPU s (median / max) "
+        "| warm wall s (mean) | compile s (sum) | peak RSS MB (max) | load (min-max) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    total, compile_total, missing = 0.0, 0.0, []
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    wall_total, cpu_total, compile_total, missing = 0.0, 0.0, 0.0, []
     for i in range(len(BUCKETS)):
         group = by_bucket.get(i, [])
         if not group:
             missing.append(bucket_name(i))
             continue
         warm = [r["wall_s"] - r["compile_s"] for r in group]
-        coalitions = [r["coalitions"] for r in group]
-        total += in_file[i] * statistics.mean(warm)
+        wall_total += in_file[i] * statistics.mean(warm)
+        if ratio is not None and all("cpu_s" in r for r in group):
+            cpu_total += in_file[i] * statistics.mean(unloaded_warm(r, ratio) for r in group)
         compile_total += sum(r["compile_s"] for r in group)
+        walls, cpus = [r["wall_s"] for r in group], [r.get("cpu_s", float("nan")) for r in group]
+        loads = [x for r in group for x in loads_of(r)]
         print(
             f"| {bucket_name(i)} | {len(group)} | {in_file[i]} | {'/'.join(sorted({r['estimator'] for r in group}))} "
-            f"| {statistics.mean(coalitions):.0f} | {statistics.mean(r['wall_s'] for r in group):.1f} "
+            f"| {statistics.mean(r['coalitions'] for r in group):.0f} "
+            f"| {statistics.median(walls):.1f} / {max(walls):.1f} | {statistics.median(cpus):.1f} / {max(cpus):.1f} "
             f"| {statistics.mean(warm):.1f} | {sum(r['compile_s'] for r in group):.0f} "
-            f"| {sum(warm) / sum(coalitions):.3f} | {max(r['peak_rss_mb'] for r in group):.0f} |"
+            f"| {max(r['peak_rss_mb'] for r in group):.0f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
+    not_measured = f"; NOT measured: buckets {', '.join(missing)}" if missing else ""
     print(
-        f"whole file: {total / 3600:.1f} h warm (bucket means x the file's cases per bucket) + {compile_total / 60:.0f}"
-        " min of compilation seen in this sample (an upper bound on the one-time compilation)"
-        + (f"; NOT measured: buckets {', '.join(missing)}" if missing else "")
+        f"whole file from wall times: {wall_total / 3600:.1f} h warm (bucket means of wall - compile x the file's "
+        f"cases per bucket) + {compile_total / 60:.0f} min of compilation seen in this sample (an upper bound on the "
+        f"one-time compilation){not_measured}"
     )
+    if ratio is not None:
+        print(
+            f"whole file from CPU time: {cpu_total / 3600:.1f} h warm (each case's CPU s / {ratio:.2f}, the median "
+            f"CPU-per-wall ratio of the {calm} least loaded cases, less its compile share; same weighting)"
+            f"{not_measured}"
+        )
     print(f"load average now: {os.getloadavg()}")
 
 
