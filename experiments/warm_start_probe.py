@@ -35,34 +35,6 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np
 
 
-def clinic_tokenizer(texts, vocab_size: int):
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from promed_jax.text import tokenizer as tok
-
-    t = tokenizers.Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[tok.ENDOFTEXT, tok.IM_START, tok.IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    t.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=t,
-        bos_token=tok.IM_START,
-        eos_token=tok.IM_END,
-        pad_token=tok.ENDOFTEXT,
-        unk_token=tok.ENDOFTEXT,
-        chat_template=tok.CHATML_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
-
-
 def answer_turn(case, present: set[str], rng: np.random.Generator) -> str:
     from promed_jax.data import synthetic
 
@@ -133,6 +105,7 @@ def main() -> None:
     from promed_jax.models.config import ModelConfig
     from promed_jax.models.transformer import Transformer
     from promed_jax.sharding import make_mesh
+    from promed_jax.text.tokenizer import build_tiny_tokenizer
     from promed_jax.training.naive_doctor import write_dialogues
     from promed_jax.training.run import Trainer, prepare_examples
 
@@ -149,7 +122,7 @@ def main() -> None:
     records = naive + direct_examples(train_cases, rng) + drills(args.drills, rng)
     texts = [m["content"] for r in records[:400] for m in r["messages"]]
     texts += [f.fact for f in synthetic.FINDINGS.values()] + list(synthetic.DISEASES)
-    tokenizer = clinic_tokenizer(texts, args.vocab)
+    tokenizer = build_tiny_tokenizer(args.vocab, corpus=texts)
     lengths = (128, 192, 256, 320, 384, 512, 768, 1024)
     train, held, _ = prepare_examples(records, tokenizer, lengths=lengths, pad_id=0, eval_fraction=0.05)
     print(f"{len(train)} train / {len(held)} held-out examples, mean {np.mean([e.length for e in train]):.0f} tokens")
@@ -158,10 +131,10 @@ def main() -> None:
         vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_layers=args.layers, num_heads=4,
         num_kv_heads=2, head_dim=h // 4, max_position_embeddings=2048,
     )
-    sft = dict(
-        batch_size=args.batch_size, grad_accum=1, seed=0, epochs=args.epochs, learning_rate=args.lr, warmup_steps=20,
-        final_lr_fraction=0.1, weight_decay=0.0, max_grad_norm=1.0, vocab_chunk=8192,
-    )
+    sft = {
+        "batch_size": args.batch_size, "grad_accum": 1, "seed": 0, "epochs": args.epochs, "learning_rate": args.lr,
+        "warmup_steps": 20, "final_lr_fraction": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "vocab_chunk": 8192,
+    }
     trainer = Trainer(
         Transformer(cfg, rngs=nnx.Rngs(0)), train, sft=sft, lora=False, mesh=make_mesh((-1,), ("data",)), pad_id=0,
         lengths=lengths,

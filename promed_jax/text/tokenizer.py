@@ -10,6 +10,7 @@ import copy
 import functools
 import os
 import pathlib
+from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -91,8 +92,11 @@ def _load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
 
 
-def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer trained in-process on a fixed corpus, with a ChatML template.
+def build_tiny_tokenizer(
+    vocab_size: int = TINY_VOCAB_SIZE, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer trained in-process on a fixed corpus (or the lines of `corpus`), with a
+    ChatML template.
 
     Deterministic and offline; any text encodes (byte fallback). Special tokens: `<|endoftext|>` (id 0,
     also the pad token), `<|im_start|>` (1), `<|im_end|>` (2, the eos / end-of-turn token).
@@ -106,7 +110,8 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokeniz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_TINY_CORPUS.strip().splitlines(), trainer=trainer)
+    lines = _TINY_CORPUS.strip().splitlines() if corpus is None else list(corpus)
+    tokenizer.train_from_iterator(lines, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=IM_START,
