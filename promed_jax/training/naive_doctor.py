@@ -38,12 +38,9 @@ def finding_question(finding: synthetic.Finding) -> str:
 _QUESTION_TO_FINDING = {f"question: {finding_question(f)}": name for name, f in synthetic.FINDINGS.items()}
 
 
-class NaiveDoctor:
-    """A `ChatBackend` that plays the naive doctor (see the module doc)."""
-
-    def __init__(self, *, seed: int, max_questions: int):
-        self.seed = seed
-        self.max_questions = max_questions
+class ScriptedDoctor:
+    """A `ChatBackend` whose reply to a conversation is `_turn(messages)`, a function of the dialogue so far
+    (sampling settings are ignored): the naive doctor here and the topic doctor of `topic_doctor`."""
 
     def chat(
         self,
@@ -54,6 +51,17 @@ class NaiveDoctor:
         stop: Sequence[str] = (),
     ) -> list[str]:
         return [self._turn(list(c)) for c in conversations]
+
+    def _turn(self, messages: list[Message]) -> str:
+        raise NotImplementedError
+
+
+class NaiveDoctor(ScriptedDoctor):
+    """A `ChatBackend` that plays the naive doctor (see the module doc)."""
+
+    def __init__(self, *, seed: int, max_questions: int):
+        self.seed = seed
+        self.max_questions = max_questions
 
     def _rng(self, first_message: str) -> np.random.Generator:
         digest = int.from_bytes(hashlib.sha256(first_message.encode()).digest()[:8], "big")

@@ -34,7 +34,7 @@ from promed_jax.consult.rollout import Dialogue, consult
 from promed_jax.data.cases import Case
 from promed_jax.errors import DataError
 from promed_jax.text import prompts
-from promed_jax.training.naive_doctor import dialogue_record, write_records
+from promed_jax.training.naive_doctor import ScriptedDoctor, dialogue_record, write_records
 
 KIND = "topic"
 MAX_SHARED_WORDS = 4  # a question shares no run of this many consecutive words with its fact
@@ -708,7 +708,7 @@ def _join_en(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-class TopicDoctor:
+class TopicDoctor(ScriptedDoctor):
     """A `ChatBackend` that plays the topic doctor (module doc) in the given cases, found by first message."""
 
     def __init__(self, cases: Sequence[Case], *, seed: int, max_questions: int, protocol_max_questions: int):
@@ -719,16 +719,6 @@ class TopicDoctor:
             if first in self.plans and self.plans[first][0].id != case.id:
                 raise DataError(f"cases {self.plans[first][0].id} and {case.id} give the doctor the same first message")
             self.plans[first] = (case, plan_case(case, seed=seed, max_questions=max_questions))
-
-    def chat(
-        self,
-        conversations: Sequence[Sequence[Message]],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        stop: Sequence[str] = (),
-    ) -> list[str]:
-        return [self._turn(list(c)) for c in conversations]
 
     def _turn(self, messages: list[Message]) -> str:
         case, plan = self.plans[messages[0]["content"]]
