@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sft.learning_rate = 2e-4
         c.sft.batch_size = 8
         c.sft.epochs = 2
+        # Without remat a step of 8 x 1,024 tokens asked XLA for 40 GB (30 layers' attention kept for the
+        # backward pass); with it, experiments/sft_memory.py estimates the step's need.
+        c.model.remat = True
     else:
         c.sft.learning_rate = 1e-4
         c.sft.batch_size = 16

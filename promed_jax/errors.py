@@ -35,3 +35,8 @@ class BackendError(PromedError, RuntimeError):
 
 class WorkdirError(PromedError, OSError):
     """The workdir or an output path cannot be used (a file where a folder should be, a path outside it)."""
+
+
+class ResourceError(PromedError, MemoryError):
+    """A compiled step needs more device memory than there is (the message names the step, its shapes, the
+    bytes needed and available, and the settings that lower it)."""

@@ -142,6 +142,35 @@ def test_lora_training_leaves_every_base_parameter_bit_identical():
     assert losses[-1] < losses[0]
 
 
+def test_remat_scans_the_blocks_with_the_same_dropout_losses_and_updates():
+    # model.remat runs the blocks as a scan over their stacked variables (transformer._scanned_blocks); with LoRA
+    # dropout on, three steps give the unrolled loop's losses and parameters: each block draws its own masks
+    cfg = CFG.replace(lora_rank=4, lora_dropout=0.3, num_layers=3)
+    runs = [_steps(_model(cfg.replace(remat=remat)), _batch(), lora=True) for remat in (False, True)]
+    np.testing.assert_allclose(runs[1][2], runs[0][2], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), runs[1][1].params, runs[0][1].params)
+    no_dropout = _steps(_model(cfg.replace(lora_dropout=0.0)), _batch(), lora=True)
+    assert abs(no_dropout[2][1] - runs[0][2][1]) > 1e-4  # the dropout did act
+
+
+def test_scanned_blocks_advance_each_dropout_stream_as_the_loop_does():
+    cfg = CFG.replace(lora_rank=4, lora_dropout=0.5, num_layers=2)
+    tokens = jnp.asarray(_batch(rows=2)["tokens"][0])
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool)), (*tokens.shape, tokens.shape[1]))
+    outs = {}
+    for remat in (False, True):
+        model = _model(cfg.replace(remat=remat))
+        for path, v in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+            if path[-1] == "b":  # zero at initialisation, where dropout on the adapters changes nothing
+                v.set_value(jnp.full(v.shape, 0.5))
+        model.train()
+        outs[remat] = [np.asarray(model(tokens, positions, mask)[0]) for _ in range(2)]
+    assert np.abs(outs[False][0] - outs[False][1]).max() > 1e-3  # a second call draws new masks
+    for first, second in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_allclose(first, second, atol=5e-5)
+
+
 def test_sharded_step_matches_one_device():
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")

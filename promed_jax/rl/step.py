@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from promed_jax.device_memory import CheckedStep
 from promed_jax.models.transformer import causal_mask, positions_from_mask
 from promed_jax.rl.losses import LossConfig, policy_loss
 from promed_jax.training import state as state_lib
@@ -235,6 +236,7 @@ class GrpoUpdater:
         optimizer: state_lib.OptimizerConfig,
         mesh,
         seed: int,
+        memory_budget: int | None = None,
     ):
         per_step = update.minibatches * update.grad_accum
         if rows % per_step:
@@ -253,11 +255,16 @@ class GrpoUpdater:
         self.ref_params = None if lora else jax.tree.map(jnp.copy, params)
         self.state = state_lib.place_state(state_lib.init_state(params, frozen, tx, seed), mesh)
         loss_fn = functools.partial(grpo_loss, config=loss, chunk=update.vocab_chunk)
-        self.step_fn = state_lib.compile_step(
-            state_lib.make_train_step(loss_fn, graphdef, tx, self.schedule),
-            self.state,
-            mesh,
-            self.minibatch_rows // update.grad_accum,
+        self.step_fn = CheckedStep(
+            state_lib.compile_step(
+                state_lib.make_train_step(loss_fn, graphdef, tx, self.schedule),
+                self.state,
+                mesh,
+                self.minibatch_rows // update.grad_accum,
+            ),
+            name="the GRPO step",
+            hint="lower it with model.remat=True, more rl.minibatches or rl.grad_accum, or a shorter rollout",
+            budget=memory_budget,
         )
         spec = state_lib.batch_sharding(mesh, rows).spec[1:]
         self._row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))

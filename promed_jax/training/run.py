@@ -26,6 +26,7 @@ from absl import logging
 from tqdm import tqdm
 
 from promed_jax import provenance
+from promed_jax.device_memory import CheckedStep
 from promed_jax.errors import ConfigError, DataError, WorkdirError
 from promed_jax.io import JsonlWriter, atomic_path, atomic_write_text, output_lock, resume_jsonl
 from promed_jax.text.prompts import DOCTOR_PROMPT_VERSION
@@ -129,6 +130,7 @@ class Trainer:
         mesh,
         pad_id: int,
         lengths: Sequence[int],
+        memory_budget: int | None = None,
     ):
         self.examples = list(examples)
         self.lengths = tuple(lengths)
@@ -157,11 +159,16 @@ class Trainer:
         self.graphdef, self.lora = graphdef, lora
         loss = make_sft_loss(int(sft["vocab_chunk"]))
         self.state = state_lib.place_state(state_lib.init_state(params, frozen, tx, self.seed), mesh)
-        self.step_fn = state_lib.compile_step(
-            state_lib.make_train_step(loss, graphdef, tx, self.schedule),
-            self.state,
-            mesh,
-            self.batch_size // self.microbatches,
+        self.step_fn = CheckedStep(
+            state_lib.compile_step(
+                state_lib.make_train_step(loss, graphdef, tx, self.schedule),
+                self.state,
+                mesh,
+                self.batch_size // self.microbatches,
+            ),
+            name="the SFT step",
+            hint="lower it with model.remat=True, a larger sft.grad_accum, a smaller sft.batch_size or sft.max_tokens",
+            budget=memory_budget,
         )
         eval_gd = state_lib.eval_graphdef(graphdef, params, frozen, lora=lora)
         self.eval_fn = jax.jit(state_lib.make_eval_step(loss, eval_gd))
