@@ -10,8 +10,11 @@ of `--reps` steps after one warm-up step:
   * a profile of both steps' parts: the forward (loss only; ours on the first microbatch), forward + backward,
     and the whole step;
   * our compile time, apart.
-torch runs with `torch.set_num_threads(2)`, SDPA attention, no gradient checkpointing. Ours runs with
-remat per block by default (`--no-remat` keeps every activation: about 9 GB at this batch), the loss over
+torch runs with `torch.set_num_threads(2)`, SDPA attention, no gradient checkpointing, and so does ours by
+default (every activation kept: XLA estimates 12.4 GiB at this batch); `--remat` recomputes each block in the
+backward pass (the blocks then run as a scan, `transformer._scanned_blocks`: a few GiB, a forward more of
+compute). Before the blocks were scanned, remat in the unrolled loop saved nothing on the CPU (XLA hoisted
+the recomputations), so earlier runs "with remat" measured the no-remat step. The loss runs over
 vocabulary chunks of 8,192 (the fp32 logits [8, 512, 49152] are 0.8 GB; torch materializes them).
 The load average is printed: on a shared machine the numbers are only comparable within one run.
 With `--reps 1` our steps are compiled ahead of time and not warmed up (the first call of a compiled step is
@@ -136,7 +139,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 32 tokens, one repetition by default")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per median (default 5, --quick 1)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here (experiments/bench_json.py)")
-    parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--lora", action="store_true", help="also time our LoRA step (adapters on q, v, r = 8)")
@@ -159,14 +162,14 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     path = assets.smollm2_gguf_path()
-    model = load_gguf(path, remat=not args.no_remat)
+    model = load_gguf(path, remat=args.remat)
     cfg = model.config
     n_params = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     batch = make_batch(cfg.vocab_size, rows, length, args.microbatches)
     tokens = rows * length
     print(
         f"SmolLM2-135M fp32 ({n_params / 1e6:.1f} M parameters), batch {rows} x {length} = {tokens} tokens, "
-        f"{args.microbatches} microbatch(es), remat {not args.no_remat}, vocabulary chunk {args.chunk}; "
+        f"{args.microbatches} microbatch(es), remat {args.remat}, vocabulary chunk {args.chunk}; "
         f"medians of {reps}"
     )
     peak_jax, peak_torch = matmul_flops(1024 if args.quick else 4096, reps)
@@ -178,7 +181,7 @@ def main() -> None:
     results = {"ours (full)": ours(model, batch, lora=False, reps=reps, chunk=args.chunk)}
     print(f"our compile time (full step): {results['ours (full)']['compile_s']:.1f} s")
     if args.lora:
-        lora_model = load_gguf(path, remat=not args.no_remat, lora_rank=8, lora_alpha=32.0, lora_dropout=0.1)
+        lora_model = load_gguf(path, remat=args.remat, lora_rank=8, lora_alpha=32.0, lora_dropout=0.1)
         results["ours (LoRA)"] = ours(lora_model, batch, lora=True, reps=reps, chunk=args.chunk)
         print(f"our compile time (LoRA step): {results['ours (LoRA)']['compile_s']:.1f} s")
     results["torch (full)"] = theirs(batch, reps=reps)
