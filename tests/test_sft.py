@@ -254,6 +254,40 @@ def test_naive_doctor_speaks_the_protocol_and_answers_by_the_table(tmp_path):
     assert 0.35 < accuracy < 0.9  # better than chance (1/4) by the table, worse than asking well (1.0)
 
 
+def test_random_doctor_asks_the_limit_then_answers_the_best_fit():
+    from promed_jax.consult.patients import FactSelectPatient
+    from promed_jax.consult.rollout import consult
+    from promed_jax.data import synthetic
+    from promed_jax.training.naive_doctor import NaiveDoctor, RandomDoctor
+
+    # best fit by hand: heard {a, b}, denied {c}; X explains a, b and claims c (2 - 0 - 1 = 1), Y explains a
+    # only (1 - 1 - 0 = 0), Z explains both and nothing denied (2), W likewise (2): Z and W tie
+    diseases = {"X": {"a", "b", "c"}, "Y": {"a"}, "Z": {"a", "b", "d"}, "W": {"a", "b"}}
+    original = synthetic.DISEASES
+    synthetic.DISEASES = diseases
+    try:
+        options = {"A": "X", "B": "Y", "C": "Z", "D": "W"}
+        assert RandomDoctor._candidates(options, {"a", "b"}, {"c"}) == ["C", "D"]
+        assert RandomDoctor._candidates(options, {"d"}, set()) == ["C"]  # Z alone explains d (1; the rest -1)
+        assert RandomDoctor._candidates(options, set(), {"a"}) == ["A", "B", "C", "D"]  # each claims a: all -1
+        # no disease explains both c and d: X and Z explain one each (0), Y and W neither (-2); the naive
+        # doctor's rule would fall back to all four
+        assert RandomDoctor._candidates(options, {"c", "d"}, set()) == ["A", "C"]
+        assert NaiveDoctor._candidates(options, {"c", "d"}, set()) == ["A", "B", "C", "D"]
+    finally:
+        synthetic.DISEASES = original
+    cases = synthetic.make_cases(120, seed=5)
+    runs = {
+        cls: consult(cases, cls(seed=0, max_questions=10), FactSelectPatient(), mode="proactive", max_questions=10)
+        for cls in (RandomDoctor, NaiveDoctor)
+    }
+    assert {d.n_questions for d in runs[RandomDoctor]} == {10}
+    assert all(d.end == "answer" for d in runs[RandomDoctor])
+    accuracy = {cls: np.mean([d.correct for d in ds]) for cls, ds in runs.items()}
+    assert accuracy[RandomDoctor] > accuracy[NaiveDoctor]  # 10 questions buy more than 0..10
+    assert accuracy[RandomDoctor] < 1.0  # random questions miss the finding that separates the options
+
+
 @pytest.mark.slow
 def test_a_tiny_model_learns_its_trained_turns_and_greedy_decoding_replays_them(tmp_path):
     from promed_jax.backends.local import LocalBackend

@@ -72,7 +72,7 @@ class NaiveDoctor(ScriptedDoctor):
         options = dict(_OPTION.findall(first))
         complaint = next(name for name, f in synthetic.FINDINGS.items() if f"because of {f.complaint}." in first)
         rng = self._rng(first)
-        n_questions = int(rng.integers(0, self.max_questions + 1))
+        n_questions = self._n_questions(rng)
         others = sorted(set(synthetic.FINDINGS) - {complaint})
         order = [others[i] for i in rng.permutation(len(others))]
         asked = sum(m["role"] == "assistant" for m in messages)
@@ -82,14 +82,43 @@ class NaiveDoctor(ScriptedDoctor):
         for question, reply in zip(messages[1::2], messages[2::2], strict=False):
             name = _QUESTION_TO_FINDING[question["content"]]
             (present if synthetic.FINDINGS[name].fact in reply["content"] else absent).add(name)
-        alive = [
+        alive = self._candidates(options, present, absent)
+        letter = alive[int(rng.integers(len(alive)))]
+        heard = ", ".join(synthetic.FINDINGS[f].complaint for f in sorted(present))
+        return f"answer: {heard} fit {options[letter]}. 【answer: {letter}】"
+
+
+    def _n_questions(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(0, self.max_questions + 1))
+
+    @staticmethod
+    def _candidates(options: dict[str, str], present: set[str], absent: set[str]) -> list[str]:
+        """The letters whose disease explains every finding heard and none denied (all, if none does)."""
+        return [
             letter
             for letter, disease in sorted(options.items())
             if synthetic.fits(disease, present) and not absent & synthetic.DISEASES[disease]
         ] or sorted(options)
-        letter = alive[int(rng.integers(len(alive)))]
-        heard = ", ".join(synthetic.FINDINGS[f].complaint for f in sorted(present))
-        return f"answer: {heard} fit {options[letter]}. 【answer: {letter}】"
+
+
+class RandomDoctor(NaiveDoctor):
+    """The random-N doctor of the evaluation (issue 14's random-10, N = the protocol's question limit): it
+    always asks exactly `max_questions` findings of the table in a random order (the naive doctor's draw),
+    then answers with the option they fit best: most findings heard explained, fewest denied ones claimed
+    (score |heard ∩ D| - |heard - D| - |denied ∩ D|), a tie drawn at random. A baseline for how much asking
+    well beats asking much."""
+
+    def _n_questions(self, rng: np.random.Generator) -> int:
+        return self.max_questions
+
+    @staticmethod
+    def _candidates(options: dict[str, str], present: set[str], absent: set[str]) -> list[str]:
+        def score(disease: str) -> int:
+            d = synthetic.DISEASES[disease]
+            return len(present & d) - len(present - d) - len(absent & d)
+
+        best = max(score(disease) for disease in options.values())
+        return [letter for letter, disease in sorted(options.items()) if score(disease) == best]
 
 
 def dialogue_record(d: Dialogue, *, policy: dict) -> dict:
