@@ -46,14 +46,28 @@ def test_summaries_by_source_and_option_count():
         report.summarize_slice("full", "all", [])
 
 
+def test_wilson_interval_by_hand():
+    # 8 of 10: centre (0.8 + z²/20) / (1 + z²/10) = 0.7167, half-width z·sqrt(0.016 + z²/400) / (1 + z²/10) = 0.2266
+    low, high = report.wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert report.wilson_interval(2, 10) == pytest.approx((1 - high, 1 - low))  # symmetric in success/failure
+    assert report.wilson_interval(0, 50)[0] == 0.0 and 0 < report.wilson_interval(0, 50)[1] < 0.08
+    wide, narrow = report.wilson_interval(5, 10), report.wilson_interval(500, 1000)
+    assert wide[1] - wide[0] > 5 * (narrow[1] - narrow[0])
+    with pytest.raises(ValueError, match="3 of 2"):
+        report.wilson_interval(3, 2)
+    row = report.summarize_slice("proactive", "all", [_rec("s", 4, c, True, 1) for c in [True] * 8 + [False] * 2])
+    assert row.ci95 == (low, high)
+
+
 def test_report_files(tmp_path):
     rows = report.summarize("reactive", [_rec("s", 4, True, True, 0)]) + report.summarize(
         "proactive", [_rec("s", 4, False, False, 3)]
     )
     table = report.write_report(tmp_path, rows, title="t")
     text = table.read_text()
-    assert "| reactive | all | 1 | 100.0% | 0.00 | 0.0% |" in text
-    assert "| proactive | all | 1 | 0.0% | 3.00 | 100.0% |" in text
+    assert "| reactive | all | 1 | 100.0% | 20.7%–100.0% | 0.00 | 0.0% |" in text
+    assert "| proactive | all | 1 | 0.0% | 0.0%–79.3% | 3.00 | 100.0% |" in text
     assert json.loads((tmp_path / "summary.json").read_text())[1]["mean_questions"] == 3.0
     assert (tmp_path / "accuracy_vs_questions.png").read_bytes()[:4] == b"\x89PNG"
 

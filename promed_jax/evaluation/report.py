@@ -1,12 +1,13 @@
 """Evaluation summaries: metrics per mode, source and option count; a markdown table and a plot.
 
 Metrics (promed.md §1): accuracy (no answer counts as wrong), mean number of questions asked, and the share
-of episodes that never answered.
+of episodes that never answered. Each accuracy carries its 95% Wilson score interval (`wilson_interval`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ class Summary:
       accuracy: share answered right.
       mean_questions: questions asked per case.
       never_answered: share of cases that ended without an answer.
+      ci95: the accuracy's 95% Wilson score interval (low, high).
     """
 
     mode: str
@@ -33,19 +35,39 @@ class Summary:
     accuracy: float
     mean_questions: float
     never_answered: float
+    ci95: tuple[float, float]
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share (Wilson 1927): unlike p ± z·sqrt(p(1-p)/n) it stays
+    inside [0, 1] and is not empty at 0 or n successes, which small evaluations hit."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends (rounding leaves ~1e-17)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def summarize_slice(mode: str, name: str, records: Sequence[Mapping]) -> Summary:
     n = len(records)
     if n == 0:
         raise ValueError(f"mode {mode}, slice {name}: no records to summarize")
+    correct = sum(bool(r["correct"]) for r in records)
     return Summary(
         mode=mode,
         slice=name,
         n=n,
-        accuracy=sum(bool(r["correct"]) for r in records) / n,
+        accuracy=correct / n,
         mean_questions=sum(int(r["n_questions"]) for r in records) / n,
         never_answered=sum(not r["answered"] for r in records) / n,
+        ci95=wilson_interval(correct, n),
     )
 
 
@@ -61,25 +83,30 @@ def summarize(mode: str, records: Sequence[Mapping]) -> list[Summary]:
 
 def markdown_table(rows: Iterable[Summary]) -> str:
     lines = [
-        "| mode | slice | cases | accuracy | mean questions | never answered |",
-        "|---|---|---:|---:|---:|---:|",
+        "| mode | slice | cases | accuracy | 95% interval | mean questions | never answered |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.mode} | {r.slice} | {r.n} | {r.accuracy:.1%} | {r.mean_questions:.2f} | {r.never_answered:.1%} |"
+        f"| {r.mode} | {r.slice} | {r.n} | {r.accuracy:.1%} | {r.ci95[0]:.1%}–{r.ci95[1]:.1%} "
+        f"| {r.mean_questions:.2f} | {r.never_answered:.1%} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot_accuracy_vs_questions(rows: Sequence[Summary], path: str | os.PathLike, *, title: str = "") -> None:
-    """One point per mode (slice `all`): accuracy against mean questions asked."""
+    """One point per mode (slice `all`): accuracy, with its 95% interval, against mean questions asked."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     overall = [r for r in rows if r.slice == "all"]
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
     for r in overall:
-        ax.scatter(r.mean_questions, 100 * r.accuracy, s=60)
+        low, high = 100 * r.ci95[0], 100 * r.ci95[1]
+        ax.errorbar(
+            r.mean_questions, 100 * r.accuracy, yerr=[[100 * r.accuracy - low], [high - 100 * r.accuracy]], fmt="o",
+            capsize=3, markersize=7,
+        )
         ax.annotate(r.mode, (r.mean_questions, 100 * r.accuracy), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("mean questions asked")
     ax.set_ylabel("accuracy (%)")
