@@ -69,8 +69,10 @@ def main() -> None:
         print(f"  {topic:28s} {n:5d}  target {hits / n:6.1%}")
     tokenizer = load_tokenizer(assets.smollm2_gguf_path())
     lengths = np.array([len(render_dialogue(tokenizer, r["messages"]).ids) for r in records])
-    print("SmolLM2 tokens per dialogue: median {:.0f}, p90 {:.0f}, max {}, mean {:.0f}".format(
-        np.median(lengths), np.percentile(lengths, 90), lengths.max(), lengths.mean()))
+    print(
+        f"SmolLM2 tokens per dialogue: median {np.median(lengths):.0f}, p90 {np.percentile(lengths, 90):.0f}, "
+        f"max {lengths.max()}, mean {lengths.mean():.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_a_step_over_the_budget_is_one_line_before_it_runs():
 def test_within_the_budget_one_executable_per_batch_shape():
     checked = CheckedStep(_step(), name="s", hint="h", budget=2**40)
     for rows in (2, 2, 3):
-        state, metrics = checked(jnp.float32(0), {"x": np.ones((rows, 8), np.float32)})
+        state, _ = checked(jnp.float32(0), {"x": np.ones((rows, 8), np.float32)})
         assert float(state) == rows * 8
     assert len(checked.executables) == 2
     unchecked = CheckedStep(_step(), name="s", hint="h", budget=0)  # 0: no check
