@@ -276,6 +276,7 @@ def ckpt_config() -> ml_collections.ConfigDict:
 def eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.modes = ("reactive", "proactive", "full")  # promed.md §1: reactive baseline, protocol, upper bound
+    # (also "random": the random-N baseline doctor, synthetic clinic only; evaluation.evaluate.RANDOM)
     c.run = "default"  # results go to {workdir}/eval/<run>/<mode>.jsonl (promed.md §6)
     c.batch_size = 8  # cases consulted together (their live dialogues share each sampler call)
     # The doctor under evaluation: greedy and without penalties, so a re-run reproduces a run.

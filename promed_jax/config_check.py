@@ -132,9 +132,9 @@ def _model_kinds() -> tuple[str, ...]:
 
 
 def _eval_modes() -> tuple[str, ...]:
-    from promed_jax.evaluation.evaluate import MODES
+    from promed_jax.evaluation.evaluate import EVAL_MODES
 
-    return MODES
+    return EVAL_MODES
 
 
 def _lora_targets() -> tuple[str, ...]:
@@ -387,6 +387,15 @@ def check_sft_source(sft: Mapping[str, Any], data: Mapping[str, Any]) -> None:
         )
 
 
+def check_eval_modes(ev: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """The random-N doctor asks about the synthetic clinic's table: it needs the clinic."""
+    if "random" in ev["modes"] and data["kind"] != "synthetic":
+        raise ConfigError(
+            f"config eval.modes: 'random' (the random-N doctor) asks about the synthetic clinic's findings and "
+            f"needs data.kind='synthetic', got data.kind={data['kind']!r}"
+        )
+
+
 def check_mesh(mesh: Mapping[str, Any]) -> None:
     """Sizes and names a mesh can be built from (`sharding.make_mesh`), on this process's devices."""
     import jax
@@ -438,5 +447,6 @@ def check_run(config: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
     check_grpo(config["grpo"])
     check_sft(config["sft"])
     check_sft_source(config["sft"], config["data"])
+    check_eval_modes(config["eval"], config["data"])
     check_mesh(config["mesh"])
     output_dir(workdir, "eval", config["eval"]["run"], key="eval.run")

@@ -278,3 +278,23 @@ def test_eval_run_records_its_provenance_and_refuses_another_run(tmp_path, monke
     monkeypatch.setattr(loader, "load_model", trained)
     with pytest.raises(CacheError, match=r"differs from the one that wrote it: model weights 'sha256:"):
         run(_eval_config(), str(tmp_path))
+
+
+def test_the_random_doctor_mode_asks_the_limit_and_is_tabled(tmp_path):
+    from promed_jax import config_check
+    from promed_jax.errors import ConfigError
+    from promed_jax.evaluation.evaluate import RANDOM_DOCTOR
+
+    config = _eval_config(modes=("random",))
+    config.data.synthetic_n = 12
+    rows = run(config, str(tmp_path))
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "default" / "random.jsonl").read_text().splitlines()]
+    assert len(lines) == 12
+    assert {line["model"] for line in lines} == {RANDOM_DOCTOR} and {line["mode"] for line in lines} == {"proactive"}
+    assert {line["n_questions"] for line in lines} == {config.consult.max_questions}
+    assert all(line["answered"] for line in lines)
+    assert [r.mode for r in rows] == ["random"] and rows[0].accuracy > 0.5  # the table, asked 10 times
+    config.data.kind = "files"
+    config.data.paths = (str(tmp_path / "eval" / "default" / "random.jsonl"),)  # any file: refused before reading
+    with pytest.raises(ConfigError, match=r"'random' .* needs data.kind='synthetic', got data.kind='files'"):
+        config_check.check_run(config, str(tmp_path / "other"))

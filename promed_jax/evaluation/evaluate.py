@@ -30,6 +30,12 @@ from promed_jax.evaluation import report
 from promed_jax.text import prompts
 
 MODES = ("reactive", "proactive", "full")
+# eval.modes may also name the random-N baseline (synthetic clinic only): the scripted doctor of
+# `training.naive_doctor.RandomDoctor` asks exactly consult.max_questions random findings of the table, then
+# answers with the option they fit best; its lines are proactive consultations by model `RANDOM_DOCTOR`.
+RANDOM = "random"
+RANDOM_DOCTOR = "random-doctor"
+EVAL_MODES = (*MODES, RANDOM)
 _HINT = "choose another eval.run or workdir"  # what to do when a re-run is not the run that wrote the results
 
 FIELDS = (
@@ -247,17 +253,23 @@ def _run(config, workdir: str) -> list[report.Summary]:
     timings = {}
     for mode in ev.modes:
         t0 = time.monotonic()
+        run_doctor, consult_mode, run_model = doctor, mode, model_name
+        if mode == RANDOM:
+            from promed_jax.training.naive_doctor import RandomDoctor
+
+            run_doctor = RandomDoctor(seed=ev.seed, max_questions=config.consult.max_questions)
+            consult_mode, run_model = "proactive", RANDOM_DOCTOR
         records = evaluate_mode(
             cases,
-            doctor,
+            run_doctor,
             patient,
             out_dir / f"{mode}.jsonl",
-            mode=mode,
+            mode=consult_mode,
             batch_size=ev.batch_size,
             max_questions=config.consult.max_questions,
             max_new_tokens=ev.max_new_tokens,
             temperature=ev.temperature,
-            model=model_name,
+            model=run_model,
             patient_name=patient_name,
             max_dialogue_tokens=config.sampling.max_dialogue_tokens,
         )
