@@ -298,3 +298,16 @@ def test_the_random_doctor_mode_asks_the_limit_and_is_tabled(tmp_path):
     config.data.paths = (str(tmp_path / "eval" / "default" / "random.jsonl"),)  # any file: refused before reading
     with pytest.raises(ConfigError, match=r"'random' .* needs data.kind='synthetic', got data.kind='files'"):
         config_check.check_run(config, str(tmp_path / "other"))
+
+
+def test_sig_per_question_by_hand():
+    records = [
+        {"id": "a", "revealed_turn": [0, 1, 2, -1], "n_questions": 3},  # known fact 0 is not collected
+        {"id": "b", "revealed_turn": [1, 1], "n_questions": 1},
+        {"id": "c", "revealed_turn": [1], "n_questions": 5},  # no weights: left out
+    ]
+    weights = {"a": [0.4, 0.3, 0.2, 0.1], "b": [0.5, 0.5]}
+    assert report.sig_per_question(records, weights) == pytest.approx((0.3 + 0.2 + 1.0) / (3 + 1))
+    assert report.sig_per_question(records, {}) is None
+    with pytest.raises(ValueError, match="case a: 4 facts in the result line, 2 weights"):
+        report.sig_per_question(records[:1], {"a": [0.5, 0.5]})

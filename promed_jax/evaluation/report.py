@@ -81,6 +81,24 @@ def summarize(mode: str, records: Sequence[Mapping]) -> list[Summary]:
     return rows
 
 
+def sig_per_question(records: Sequence[Mapping], weights: Mapping[str, Sequence[float]]) -> float | None:
+    """SIG collected per question asked: over the records whose case has fact weights w (a Shapley cache),
+    the weight of the facts the questions revealed (`revealed_turn` k >= 1; facts known at the start, 0, are
+    not the doctor's doing) divided by the questions asked, both summed over the cases (a ratio of sums, so
+    a case with more questions counts more). None when no record has weights or none asked anything."""
+    collected, asked = 0.0, 0
+    for r in records:
+        w = weights.get(r["id"])
+        if w is None:
+            continue
+        turns = r["revealed_turn"]
+        if len(turns) != len(w):
+            raise ValueError(f"case {r['id']}: {len(turns)} facts in the result line, {len(w)} weights")
+        collected += sum(wi for wi, t in zip(w, turns, strict=True) if t >= 1)
+        asked += int(r["n_questions"])
+    return collected / asked if asked else None
+
+
 def markdown_table(rows: Iterable[Summary]) -> str:
     lines = [
         "| mode | slice | cases | accuracy | 95% interval | mean questions | never answered |",
