@@ -34,6 +34,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np
 
+ANSWER = {"format": "letter"}  # --answer: what the answer marker holds, the letter or the option's text
+
+
+def marker(letter: str, options) -> str:
+    return f"【answer: {letter if ANSWER['format'] == 'letter' else options[letter]}】"
+
 
 def answer_turn(case, present: set[str], rng: np.random.Generator) -> str:
     from promed_jax.data import synthetic
@@ -41,7 +47,7 @@ def answer_turn(case, present: set[str], rng: np.random.Generator) -> str:
     alive = [letter for letter, d in sorted(case.options.items()) if synthetic.fits(d, present)]
     letter = alive[int(rng.integers(len(alive)))]
     heard = ", ".join(synthetic.FINDINGS[f].complaint for f in sorted(present))
-    return f"answer: {heard} fit {case.options[letter]}. 【answer: {letter}】"
+    return f"answer: {heard} fit {case.options[letter]}. {marker(letter, case.options)}"
 
 
 def direct_examples(cases, rng: np.random.Generator) -> list[dict]:
@@ -93,6 +99,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--drills", type=int, default=0)
+    p.add_argument(
+        "--answer", choices=("letter", "text"), default="letter",
+        help="the answer marker holds the letter (the protocol's) or the option's text, which extract_answer "
+        "maps to its letter (step 3); applied to every trained answer, the naive doctor's included",
+    )
     args = p.parse_args()
 
     from flax import nnx
@@ -117,7 +128,14 @@ def main() -> None:
     held_cases = synthetic.make_cases(args.heldout, seed=1)
     rng = np.random.default_rng(0)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="warm_probe_"))
+    ANSWER["format"] = args.answer
     naive = write_dialogues(train_cases, patient, tmp / "naive.jsonl", seed=0, max_questions=6, protocol_max_questions=10)
+    if args.answer == "text":
+        by_case = {c.id: c for c in train_cases}
+        for r in naive:
+            last = r["messages"][-1]
+            letter = last["content"].rsplit("【answer: ", 1)[1].rstrip("】")
+            last["content"] = last["content"].rsplit("【answer: ", 1)[0] + marker(letter, by_case[r["case_id"]].options)
     print(f"naive doctor: {len(naive)} dialogues, accuracy {np.mean([r['correct'] for r in naive]):.3f}")
     records = naive + direct_examples(train_cases, rng) + drills(args.drills, rng)
     texts = [m["content"] for r in records[:400] for m in r["messages"]]
