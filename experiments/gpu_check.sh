@@ -4,6 +4,8 @@
 #      in CI (the slow end-to-end runs and the tests needing ../shared/data or the SmolLM2 package skip there).
 #   2. experiments/bench_shapley.py on the GPU: SmolLM2-135M-shaped random weights (the GGUF is too large to
 #      carry), three 7-fact MedQA cases, ours (JAX on the GPU) against the paper's way (torch on the GPU).
+#   3. experiments/train_step_device.py: the SFT step on the GPU, SmolLM2-shaped random weights in bf16 (LoRA
+#      with remat at 8 x 1,024; full fine-tuning without remat at 8 x 512): tokens/s, MFU, memory estimate.
 # Carried (ignored here): .whl = mctx, ml_collections and gguf wheels (missing there); .gpu = SmolLM2's
 # config.json and tokenizer and the first 400 MedQA lines. Run from the repo root:
 #   device run: bash experiments/gpu_check.sh   (carry .whl .gpu)
@@ -35,3 +37,11 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout 300 python3 experi
   --batch-size 64 --min-batch 64 --methods exact,exact_flat,tmc,ks2,ks4,ks8 > "$OUT/bench_gpu.log" 2>&1
 echo "bench exit $?"
 grep -v -E "Warning|warn|it/s]" "$OUT/bench_gpu.log" | tail -30
+
+echo "== 3. SFT step on the GPU (random SmolLM2-shaped weights, bf16)"
+for args in "--lora-rank 8 --length 1024" "--lora-rank 0 --no-remat --length 512"; do
+  timeout 150 python3 experiments/train_step_device.py --config-json .gpu/smollm2/config.json --dtype bfloat16 \
+    --rows 8 $args > "$OUT/train_step.log" 2>&1
+  echo "train step ($args) exit $?"
+  grep -v -E "Warning|warn" "$OUT/train_step.log" | tail -3
+done
