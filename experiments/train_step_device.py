@@ -61,10 +61,14 @@ def main() -> None:
     p.add_argument("--no-remat", action="store_true")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    overrides = dict(
-        dtype=args.dtype, param_dtype=args.dtype, remat=not args.no_remat, lora_rank=args.lora_rank,
-        lora_alpha=32.0, lora_dropout=0.1 if args.lora_rank else 0.0,
-    )
+    overrides = {
+        "dtype": args.dtype,
+        "param_dtype": args.dtype,
+        "remat": not args.no_remat,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": 32.0,
+        "lora_dropout": 0.1 if args.lora_rank else 0.0,
+    }
     if args.quick:
         cfg = ModelConfig.tiny(**overrides)
         rows, length, size = 2, 64, 512
