@@ -99,8 +99,9 @@ def main() -> None:
     compiled = step.compiled(state, batch)
     compile_s = time.perf_counter() - t0
     need = step_bytes(compiled)
+    kind = f"LoRA r={args.lora_rank}" if lora else "full"
     print(
-        f"{n_params / 1e6:.1f} M parameters, {args.dtype}, {'LoRA r=%d' % args.lora_rank if lora else 'full'}, "
+        f"{n_params / 1e6:.1f} M parameters, {args.dtype}, {kind}, "
         f"remat {cfg.remat}, batch {rows} x {length}: compile {compile_s:.1f} s, "
         f"XLA's estimate beyond the inputs {gib(need) if need is not None else 'n/a'}"
     )
