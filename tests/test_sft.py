@@ -179,6 +179,9 @@ def test_sharded_step_matches_one_device():
     mesh = make_mesh((2, 4), ("data", "fsdp"))
     _, state, sharded = _steps(_model(), batch, lora=False, n=2, mesh=mesh)
     np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
+    # and with remat, whose blocks run as a scan over their stacked (fsdp-sharded) weights
+    _, _, scanned = _steps(_model(CFG.replace(remat=True)), batch, lora=False, n=2, mesh=mesh)
+    np.testing.assert_allclose(scanned, single, rtol=0, atol=1e-5)
     # the embedding really is split over fsdp and the batch over data x fsdp
     embed = state.params["embed"][...]
     assert embed.addressable_shards[0].data.shape == (CFG.vocab_size, CFG.hidden_size // 4)
