@@ -22,27 +22,17 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from experiments.bench_train import make_batch
+from experiments.train_step_device import sft_step
 from promed_jax import assets
 from promed_jax.device_memory import available_bytes, gib, step_bytes
 from promed_jax.models.checkpoints import load_gguf
-from promed_jax.sharding import make_mesh
-from promed_jax.training import state as S
-from promed_jax.training.sft import make_sft_loss
 
 
 def estimate(*, remat: bool, rows: int, length: int, lora_rank: int) -> tuple[int | None, float]:
     model = load_gguf(assets.smollm2_gguf_path(), remat=remat, lora_rank=lora_rank, lora_alpha=32.0, lora_dropout=0.1)
-    lora = lora_rank > 0
-    mesh = make_mesh((1,), ("data",))
-    opt = S.OptimizerConfig(learning_rate=2e-4, total_steps=100)
-    tx = S.make_optimizer(opt)
-    graphdef, params, frozen = S.split_for_training(model, lora=lora)
-    state = S.place_state(S.init_state(params, frozen, tx, seed=0), mesh)
-    step = S.compile_step(S.make_train_step(make_sft_loss(8192), graphdef, tx, S.schedule(opt)), state, mesh, rows)
-    batch = make_batch(model.config.vocab_size, rows, length, 1)
+    jitted, state, batch = sft_step(model, rows, length, lora=lora_rank > 0)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = jitted.lower(state, batch).compile()
     return step_bytes(compiled), time.perf_counter() - start
 
 

@@ -50,6 +50,24 @@ def matmul_peak(dtype: str, size: int, reps: int) -> float:
     return 2 * size**3 / statistics.median(times)
 
 
+def sft_step(model, rows: int, length: int, *, lora: bool):
+    """(the jitted SFT step on one device, its train state, a batch of `rows` x `length` random tokens)."""
+    mesh = make_mesh((1,), ("data",))
+    opt = S.OptimizerConfig(learning_rate=2e-4, total_steps=100)
+    tx = S.make_optimizer(opt)
+    graphdef, params, frozen = S.split_for_training(model, lora=lora)
+    state = S.place_state(S.init_state(params, frozen, tx, seed=0), mesh)
+    jitted = S.compile_step(S.make_train_step(make_sft_loss(8192), graphdef, tx, S.schedule(opt)), state, mesh, rows)
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, rows, length)).astype(np.int32)
+    batch = {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=-1),
+        "weights": np.ones((1, rows, length), bool),
+        "valid": np.ones((1, rows, length), bool),
+    }
+    return jitted, state, batch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config-json", type=pathlib.Path)
@@ -80,20 +98,7 @@ def main() -> None:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     lora = args.lora_rank > 0
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    mesh = make_mesh((1,), ("data",))
-    opt = S.OptimizerConfig(learning_rate=2e-4, total_steps=100)
-    tx = S.make_optimizer(opt)
-    graphdef, params, frozen = S.split_for_training(model, lora=lora)
-    state = S.place_state(S.init_state(params, frozen, tx, seed=0), mesh)
-    jitted = S.compile_step(S.make_train_step(make_sft_loss(8192), graphdef, tx, S.schedule(opt)), state, mesh, rows)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (1, rows, length)).astype(np.int32)
-    batch = {
-        "tokens": tokens,
-        "targets": np.roll(tokens, -1, axis=-1),
-        "weights": np.ones((1, rows, length), bool),
-        "valid": np.ones((1, rows, length), bool),
-    }
+    jitted, state, batch = sft_step(model, rows, length, lora=lora)
     step = CheckedStep(jitted, name="the SFT step", hint="lower --rows or --length, or drop --no-remat")
     t0 = time.perf_counter()
     compiled = step.compiled(state, batch)
