@@ -409,7 +409,7 @@ def _scanned_blocks(layers, x, cos, sin, mask, use_lora: bool) -> jax.Array:
     Why not `nnx.remat` per block in the Python loop: in an unrolled loop XLA is free to schedule every
     block's recomputation before the backward pass needs it, and on the CPU it does (jax-ml/jax#19822): a
     SmolLM2 SFT step of 8 x 1,024 tokens asked for 35.8 GiB with remat and 37.2 GiB without. Inside a scan each
-    iteration's recomputation waits for its turn; the same step then needs a few GiB
+    iteration's recomputation waits for its turn; the same step then needs 2.6 GiB
     (experiments/sft_memory.py). The stacking copies the layers' weights once per call (inside the jit), and
     the blocks' RNG streams (LoRA dropout) advance exactly as in the loop: each block keeps its own.
     """

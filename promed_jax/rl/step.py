@@ -263,7 +263,7 @@ class GrpoUpdater:
                 self.minibatch_rows // update.grad_accum,
             ),
             name="the GRPO step",
-            hint="lower it with model.remat=True, more rl.minibatches or rl.grad_accum, or a shorter rollout",
+            hint="lower it with model.remat=True, more grpo.minibatches or grpo.grad_accum, or a lower sampling.max_dialogue_tokens",
             budget=memory_budget,
         )
         spec = state_lib.batch_sharding(mesh, rows).spec[1:]
