@@ -14,6 +14,8 @@ import pathlib
 
 import jax
 
+from promed_jax.errors import ResourceError
+
 
 def step_bytes(compiled) -> int | None:
     """Bytes a call of `compiled` allocates beyond its arguments, or None where XLA gives no analysis."""
@@ -87,9 +89,7 @@ class CheckedStep:
             self.executables[key] = compiled
         return self.executables[key]
 
-    def error(self, batch, what: str):
-        from promed_jax.errors import ResourceError
-
+    def error(self, batch, what: str) -> ResourceError:
         return ResourceError(f"{self.name} at batch {self.describe(batch)} {what}; {self.hint}")
 
     def __call__(self, state, batch):
