@@ -266,6 +266,35 @@ def plan_tree(
     )
 
 
+def plan_cost(plan: TreePlan, batching: Batching) -> float:
+    """Token slots a plan's forwards compute (rows x width, padding included) plus `call_cost` per forward:
+    the cost model of `plan_levels`, summed over the whole plan (a chunk computed in steps pays per step;
+    chunks of width 0 are copies, free)."""
+    return sum(
+        batching.call_cost * -(-c.width // c.step) + c.rows * c.width
+        for level in plan.levels
+        for c in level.chunks
+        if c.width
+    )
+
+
+def key_orders(fact_lens: np.ndarray) -> list[tuple[int, ...]]:
+    """The fact orders `plan_groups` tries as its sort key (the first is the primary key), distinct ones only:
+    the facts' own order (a group shares its leading facts, so the upper levels hold few nodes), and the same
+    led by the longest fact, then by the two longest (a group then holds that fact present or absent, so its
+    leaves are not all padded to the long fact's width: on a MedQA case whose last fact took 197 of its 402
+    tokens, the facts' order alone computed 1.8x the tokens of one unbudgeted tree)."""
+    n = len(fact_lens)
+    natural = tuple(range(n))
+    longest = [int(i) for i in np.argsort(-np.asarray(fact_lens), kind="stable")]
+    orders = [natural]
+    for k in (1, 2):
+        led = tuple(longest[:k]) + tuple(i for i in natural if i not in longest[:k])
+        if led not in orders:
+            orders.append(led)
+    return orders
+
+
 def plan_groups(
     prompt: ValuePrompt,
     coalitions: np.ndarray,
@@ -283,23 +312,38 @@ def plan_groups(
     multiples of `batch_size`) until each group fits; a group of at most `batch_size` coalitions whose tree
     does not fit takes the flat layout (the least memory: the header and its own chunks), in chunks halved
     down to `min_batch` rows until it fits. A forward may take a quarter of the budget (wider chunks are
-    computed in steps); the rest bounds the cache. Raises ConfigError when even `min_batch` rows do not fit.
+    computed in steps); the rest bounds the cache. The sort is tried with each of `key_orders` as its key and
+    the grouping of least `plan_cost` is kept (ties: the first). Raises ConfigError when even `min_batch`
+    rows do not fit.
     """
     forward = None if max_bytes is None else max_bytes // 4
     options = {"share_facts": share_facts, "tail_slots": tail_slots, "memory": memory, "max_forward_bytes": forward}
     whole = plan_tree(prompt, coalitions, batching, **options)
     if max_bytes is None or memory.plan_bytes(whole, tail_slots) <= max_bytes:
         return [(np.arange(len(coalitions)), whole)]
-    groups, pending = [], [np.lexsort(coalitions.T[::-1])]  # column 0 is the primary key
+    best, best_cost = None, np.inf
+    for order in key_orders(prompt.fact_lens):
+        keys = coalitions[:, list(order)]
+        groups = _halve(prompt, coalitions, np.lexsort(keys.T[::-1]), batching, options, max_bytes)
+        cost = sum(plan_cost(plan, batching) for _, plan in groups)
+        if cost < best_cost:
+            best, best_cost = groups, cost
+    return best
+
+
+def _halve(
+    prompt: ValuePrompt, coalitions: np.ndarray, order: np.ndarray, batching: Batching, options: dict, max_bytes: int
+) -> list[tuple[np.ndarray, TreePlan]]:
+    """The groups of `plan_groups` for the coalitions sorted as `order`: halved until each plan fits."""
+    memory, tail_slots = options["memory"], options["tail_slots"]
+    groups, pending = [], [order]
     while pending:
         rows = pending.pop()
         plan = plan_tree(prompt, coalitions[rows], batching, **options)
         small = len(rows) <= batching.batch_size
         narrow = batching
-        while small and memory.plan_bytes(plan, tail_slots) > max_bytes and narrow.batch_size > narrow.min_batch:
-            if plan.levels[0].b == prompt.n:  # already flat: fewer rows per forward
-                narrow = dataclasses.replace(narrow, batch_size=max(narrow.min_batch, narrow.batch_size // 2))
-            plan = plan_tree(prompt, coalitions[rows], narrow, **{**options, "share_facts": False})
+        if small and memory.plan_bytes(plan, tail_slots) > max_bytes:
+            plan, narrow = _fit_small(prompt, coalitions[rows], batching, options, max_bytes)
         need = memory.plan_bytes(plan, tail_slots)
         if need <= max_bytes:
             groups.append((rows, plan))
@@ -314,3 +358,29 @@ def plan_groups(
                 half = -(-half // batching.batch_size) * batching.batch_size
             pending += [rows[half:], rows[:half]]
     return groups
+
+
+def _fit_small(
+    prompt: ValuePrompt, coalitions: np.ndarray, batching: Batching, options: dict, max_bytes: int
+) -> tuple[TreePlan, Batching]:
+    """A group of at most `batch_size` coalitions whose tree does not fit: the cheapest (`plan_cost`) plan that
+    fits among its tree and the flat layout, each with forwards of `batch_size` rows halved down to
+    `min_batch` (a tree of 8-row forwards beat the flat layout of 16 by 1.3x on a MedQA case of 400 tokens);
+    none fitting: the flat layout of `min_batch` rows (the least memory), for the caller's error."""
+    memory, tail_slots = options["memory"], options["tail_slots"]
+    sizes, size = [], batching.batch_size
+    while True:
+        sizes.append(size)
+        if size <= batching.min_batch:
+            break
+        size = max(batching.min_batch, size // 2)
+    best = None
+    for share in (options["share_facts"], False)[: 1 + options["share_facts"]]:
+        for size in sizes:
+            narrow = dataclasses.replace(batching, batch_size=size)
+            plan = plan_tree(prompt, coalitions, narrow, **{**options, "share_facts": share})
+            if memory.plan_bytes(plan, tail_slots) <= max_bytes and (
+                best is None or plan_cost(plan, narrow) < plan_cost(best[0], best[1])
+            ):
+                best = (plan, narrow)
+    return best if best is not None else (plan, narrow)
