@@ -7,8 +7,9 @@ Every node keeps a cache row of the whole row's slots (`TreePlan.slots`: one sha
 call, so few compiled executables, which stay in memory), so K coalitions of n facts keep about K·n keys
 and values per layer. `plan_groups` bounds it: when the plan of all coalitions would take more than
 `max_bytes` (`MemoryModel`), the coalitions are sorted (so that a group keeps its shared prefixes) and
-halved until every group's plan fits; each group runs on its own. The plan types are frozen: the game only
-reads them.
+halved until every group's plan fits; each group runs on its own. Of a few sort keys (`key_orders`) the
+grouping that computes least (`plan_cost`) is kept, and a small group that does not fit tries narrower
+forwards of its tree before the flat layout. The plan types are frozen: the game only reads them.
 """
 
 from __future__ import annotations
