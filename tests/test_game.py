@@ -1,5 +1,6 @@
 """The batched coalition game: batched == separately built prompts, prefix reuse == no reuse, sharded."""
 
+import dataclasses
 import functools
 
 import jax
@@ -243,18 +244,10 @@ def test_memory_model_from_config(model):
 
 
 # A long last fact, as medqa_dev_convo:20 (its 8th fact is 197 of the prompt's 402 SmolLM2 tokens).
-LONG_LAST_CASE = Case(
+LONG_LAST_CASE = dataclasses.replace(
+    LONG_CASE,
     id="test:long_last",
-    source="test",
-    language="en",
-    initial_info="A 60 year old woman comes with a cough.",
-    question="What is the most likely diagnosis?",
-    options={"A": "pneumonia", "B": "asthma"},
-    answer=("A",),
-    facts=(
-        *(f"Finding {i}: symptom {i}." for i in range(11)),
-        "Her chart: " + " ".join(f"item {i} normal;" for i in range(40)),
-    ),
+    facts=(*(f"Finding {i}: symptom {i}." for i in range(11)), "Her chart: " + " ".join(f"item {i} normal;" for i in range(40))),
 )
 
 
