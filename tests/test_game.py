@@ -257,8 +257,10 @@ def hand_prompt(fact_lens, prefix=28, question=20, answer=3) -> layout.ValueProm
     return layout.ValuePrompt(ids(prefix), tuple(ids(k) for k in fact_lens), ids(question), ids(answer))
 
 
-SMOLLM2_MEMORY = plan_lib.MemoryModel(
-    kv_slot_bytes=2 * 30 * 3 * 64 * 4, heads=9, hidden=576, intermediate=1536, vocab=49152, itemsize=4
+SMOLLM2_MEMORY = plan_lib.MemoryModel.of(  # SmolLM2-135M's shapes (tests/test_smollm.py reads them from the GGUF)
+    ModelConfig.tiny(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64
+    )
 )
 
 

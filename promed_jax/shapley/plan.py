@@ -312,8 +312,8 @@ def plan_groups(
     are sorted lexicographically, so that a group's coalitions share their leading facts, and halved (at
     multiples of `batch_size`) until each group fits; a group of at most `batch_size` coalitions whose tree
     does not fit takes the cheapest plan that fits of its tree and the flat layout (the least memory: the
-    header and its own chunks), with forwards of fewer rows (`_fit_small`). A forward may take a quarter of the budget (wider chunks are
-    computed in steps); the rest bounds the cache. The sort is tried with each of `key_orders` as its key and
+    header and its own chunks), with forwards of fewer rows (`_fit_small`). A forward may take a quarter of
+    the budget (wider chunks are computed in steps); the rest bounds the cache. The sort is tried with each of `key_orders` as its key and
     the grouping of least `plan_cost` is kept (ties: the first). Raises ConfigError when even `min_batch`
     rows do not fit.
     """
@@ -367,7 +367,8 @@ def _fit_small(
     """A group of at most `batch_size` coalitions whose tree does not fit: the cheapest (`plan_cost`) plan that
     fits among its tree and the flat layout, each with forwards of `batch_size` rows halved down to
     `min_batch` (on medqa_dev_convo:20, 402 tokens, a tree of 8-row forwards plans 1.2-1.5x fewer token slots
-    than the flat layout of 16); none fitting: the flat layout of `min_batch` rows (the least memory), for the caller's error."""
+    than the flat layout of 16); none fitting: the flat layout of `min_batch` rows (the least memory), for the
+    caller's error."""
     memory, tail_slots = options["memory"], options["tail_slots"]
     sizes, size = [], batching.batch_size
     while True:
