@@ -210,6 +210,44 @@ def sft_config() -> ml_collections.ConfigDict:
     return c
 
 
+def warm_start_config() -> ml_collections.ConfigDict:
+    """The pipeline's warm start (promed_jax/training/warm_start.py): the SFT section's fields, its own budget.
+
+    Defaults for the synthetic clinic with a fresh tiny model (full fine-tuning): 3 epochs of the naive
+    doctor's dialogues and the answer-at-once examples of data.synthetic_n cases."""
+    c = sft_config()
+    c.learning_rate = 3e-3
+    c.batch_size = 16
+    c.epochs = 3
+    c.warmup_steps = 20
+    # The clinic tokenizer's dialogues: 130-530 tokens (a 6-question naive consultation ~520), so no bucket
+    # pads one to twice its length.
+    c.buckets = (128, 192, 256, 320, 384, 448, 512, 576)
+    c.max_tokens = 640
+    c.eval_every = 50
+    c.eval_fraction = 0.05
+    c.vocab_size = 1024  # model.kind='tiny': the BPE trained on the clinic's dialogues
+    c.cases = 0  # source 'naive': synthetic cases the naive doctor consults (0 = data.synthetic_n)
+    return c
+
+
+def pipeline_config() -> ml_collections.ConfigDict:
+    """mode='pipeline' (promed_jax/pipeline.py): what the end-to-end job adds to the stages' sections."""
+    c = ml_collections.ConfigDict()
+    # A Hugging Face folder (or a workdir / stage folder holding `model/`) to start from instead of training
+    # the warm start; '' trains it.
+    c.init_checkpoint = ""
+    # Held-out cases of the six-doctor evaluation: the synthetic clinic's cases of eval_seed (disjoint from
+    # data.synthetic_seed's), or the first eval_cases of the files' test split.
+    c.eval_cases = 64
+    c.eval_seed = 1
+    # False: the "no Stage 1" ablation; no MCTS and no SFT, Stage 2 starts from the warm start
+    c.stage1 = True
+    # Where the keyed stage folders live ('' = {workdir}/stages); sweep points share one (promed_jax/pipeline.py)
+    c.share_dir = ""
+    return c
+
+
 def grpo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.num_generations = 4  # paper: G = 4 rollouts per case
@@ -291,7 +329,8 @@ def eval_config() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """All sections; `arg` picks a preset (see `apply_preset`). mode='data' prints the data statistics."""
     c = ml_collections.ConfigDict()
-    c.mode = "data"  # 'data' | 'shapley' | 'mcts' | 'sft' | 'rl' | 'eval' | 'pipeline'
+    c.mode = "data"  # 'data' | 'shapley' | 'mcts' | 'warm_start' | 'sft' | 'rl' | 'eval' | 'pipeline'
+    c.preset = arg or "tiny"  # recorded in the pipeline's results
     c.model = model_config()
     c.data = data_config()
     c.consult = consult_config()
@@ -301,7 +340,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling = sampling_config()
     c.mcts = mcts_config()
     c.sft = sft_config()
+    c.warm_start = warm_start_config()
     c.grpo = grpo_config()
+    c.pipeline = pipeline_config()
     c.mesh = mesh_config()
     c.ckpt = ckpt_config()
     c.eval = eval_config()

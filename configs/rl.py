@@ -1,11 +1,14 @@
-"""The whole of ProMed: data, Shapley cache, MCTS, SFT, SIG-augmented policy optimisation, evaluation.
+"""The whole of ProMed: warm start, Shapley cache, MCTS, SFT, SIG-augmented policy optimisation, evaluation.
 
-`python -m promed_jax.main --config=configs/rl.py` is the README's main job; it runs the stages that exist.
-`--config.mode=rl` runs Stage 2 alone (`promed_jax.rl.loop`) from `grpo.init_checkpoint` (a Stage 1 output
+`python -m promed_jax.main --config=configs/rl.py` is the README's main job (`promed_jax/pipeline.py`): the
+warm start, Stage 1 and Stage 2 in one workdir, then six doctors on held-out cases, ending with
+`{workdir}/pipeline/results.md` and a plot. `--config.mode=rl` runs Stage 2 alone (`promed_jax.rl.loop`) from `grpo.init_checkpoint` (a Stage 1 output
 or a Hugging Face folder; '' = this workdir's Stage 1 output when there is one, else the `model` section).
 
-Presets: tiny (the CPU default: a few short batches), smollm (SmolLM2-135M, LoRA r = 8, the paper's Stage 2
-settings at B = 2 cases x G = 4), qwen7b / llama8b (the paper's doctors, for GPUs; below).
+Presets: tiny (the CPU default: a fresh 4-layer model warm-started on 512 synthetic cases' naive-doctor
+dialogues, Stage 1 and 6 Stage 2 batches on 64 cases, 64 held-out cases), smollm (SmolLM2-135M, LoRA r = 8,
+warm-started on the topic doctor's MedQA consultations, the paper's Stage 2 settings at B = 2 cases x G = 4,
+50 test-split cases), qwen7b / llama8b (the paper's doctors, for GPUs; below).
 
 qwen7b (Qwen2.5-7B-Instruct) and llama8b (Llama-3.1-8B-Instruct): `--config.model.path=` a local Hugging Face
 folder (required: without it the run stops with one `error:` line; nothing is downloaded), bf16 weights and
@@ -45,12 +48,43 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mode = "pipeline"
     preset = arg or "tiny"
     if preset == "tiny":
-        c.grpo.steps = 2
-        c.grpo.eval_every = 2
-        c.grpo.eval_cases = 4
-        c.sampling.max_new_tokens = 64  # the random tiny model rarely stops on its own
-        c.eval.max_new_tokens = 64
+        # The embedded default (promed_jax/pipeline.py): a fresh 4-layer, 128-wide model, warm-started on the
+        # synthetic clinic's naive doctor (warm_start section), fully fine-tuned in every stage.
+        c.model.tiny.hidden_size = 128
+        c.model.tiny.intermediate_size = 256
+        c.model.tiny.num_layers = 4
+        c.model.tiny.head_dim = 32
+        c.model.tiny.max_position_embeddings = 2048
+        c.model.lora_rank = 0
+        c.warm_start.cases = 512  # the warm start's naive consultations; the later stages train on 64 cases
+        c.warm_start.epochs = 2
+        c.data.synthetic_n = 64
+        c.patient.kind = "fact_select"  # the clinic's facts are asked in their own words
+        c.mcts.batch_trees = 32
+        c.sft.learning_rate = 1e-3
+        c.sft.batch_size = 8
+        c.sft.epochs = 2
+        c.sft.buckets = (256, 384, 512, 768)
+        c.sft.max_tokens = 1024
+        c.grpo.steps = 6
+        c.grpo.batch_cases = 4
+        c.grpo.learning_rate = 1e-4
+        c.grpo.eval_every = 0  # the pipeline's evaluation follows
+        c.sampling.max_new_tokens = 96  # a clinic answer (it goes through the options) is < 80 tokens
+        c.sampling.max_dialogue_tokens = 2048
+        c.eval.max_new_tokens = 96
+        c.eval.batch_size = 32
     elif preset == "smollm":
+        # The MedQA warm start: the scripted topic doctor's consultations of the training split (LoRA).
+        c.warm_start.source = "topic"
+        c.warm_start.learning_rate = 2e-4
+        c.warm_start.batch_size = 8
+        c.warm_start.epochs = 2
+        c.warm_start.warmup_steps = 10
+        c.warm_start.buckets = (512, 1024, 2048, 4096)
+        c.warm_start.max_tokens = 8192
+        c.warm_start.eval_every = 20
+        c.pipeline.eval_cases = 50
         c.grpo.steps = 100
         c.grpo.eval_every = 20
         c.grpo.eval_cases = 50
@@ -87,4 +121,7 @@ def sweep(add) -> None:
     add(**{"shapley.weighting": "uniform"})  # no Shapley weighting
     add(**{"grpo.reward": "no_distribution"})  # no reward distribution over turns
     add(**{"grpo.reward": "outcome_only"})  # correctness and format only, no SIG
+    add(**{"pipeline.stage1": False})  # no Stage 1: Stage 2 from the warm start
+    add(**{"shapley.tau": 0.5})  # sharper fact weights than the paper's tau = 2
+    add(**{"shapley.tau": 0.1})
     add(**{"grpo.advantage": "traj_mean"})  # each dialogue counts once in the baseline

@@ -26,11 +26,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # experiments/ is not an installed package
 
 from experiments import sweep
-from promed_jax import io
+from promed_jax import io, pipeline
 from promed_jax.errors import CacheError
 
 RESULTS = pathlib.Path("pipeline") / "results.json"
-DOCTORS = ("reactive", "warm_start", "stage1", "promed", "random10", "full")
+DOCTORS = tuple(d.name for d in pipeline.DOCTORS)
 MODES = ("reactive", "proactive", "full")
 NUMBER = (int, float)
 
@@ -140,7 +140,7 @@ def collect(workdir: pathlib.Path, expected: Mapping[str, str] | None = None) ->
     """(the markdown report, the error lines of malformed results)."""
     labels = dict(expected or {})
     if workdir.is_dir():
-        for folder in sorted(p for p in workdir.iterdir() if p.is_dir()):
+        for folder in sorted(p for p in workdir.iterdir() if p.is_dir() and p.name != sweep.SHARED):
             labels.setdefault(folder.name, point_label(folder.name))
     lines, missing, errors = list(HEADER), [], []
     for name in sorted(labels):

@@ -3,7 +3,8 @@
   python experiments/sweep.py configs/rl.py:tiny [--workdir=runs/rl] [--set grpo.steps=2 ...]
 
 prints `python -m promed_jax.main --config=configs/rl.py:tiny --workdir=runs/rl/<point> --config.a.b=v ...`
-for every point; pipe it to `bash` (or a cluster launcher) to run them. Every overridden field is checked
+for every point (a pipeline config's points also get `--config.pipeline.share_dir=runs/rl/_shared`, so they
+share the stages upstream of their first changed setting); pipe it to `bash` (or a cluster launcher) to run them. Every overridden field is checked
 against the config, so a typo in a sweep fails here, not half-way through a sweep.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = "_shared"  # the pipeline's keyed stage folders of a sweep's points, beside the points' folders
 
 
 def load_config_module(path: str):
@@ -73,6 +75,9 @@ def command_lines(config_arg: str, workdir: str, extra: Mapping[str, Any] | None
     module = load_config_module(path)
     config = module.get_config(preset or None)
     extra = dict(extra or {})
+    if config.get("mode") == "pipeline" and "pipeline.share_dir" not in extra:
+        # the points share the stages upstream of their first changed setting (promed_jax/pipeline.py)
+        extra["pipeline.share_dir"] = f"{workdir}/{SHARED}"
     check_overrides(config, extra, f"{path} --set", check_types=False)
     lines = []
     for index, point in enumerate(sweep_points(module)):

@@ -20,7 +20,6 @@ list) is what a CPU-minutes budget does not teach.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import sys
@@ -33,42 +32,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np
-
-ANSWER = {"format": "letter"}  # --answer: what the answer marker holds, the letter or the option's text
-
-
-def marker(letter: str, options) -> str:
-    return f"【answer: {letter if ANSWER['format'] == 'letter' else options[letter]}】"
-
-
-def answer_turn(case, present: set[str], rng: np.random.Generator) -> str:
-    from promed_jax.data import synthetic
-
-    alive = [letter for letter, d in sorted(case.options.items()) if synthetic.fits(d, present)]
-    letter = alive[int(rng.integers(len(alive)))]
-    heard = ", ".join(synthetic.FINDINGS[f].complaint for f in sorted(present))
-    return f"answer: {heard} fit {case.options[letter]}. {marker(letter, case.options)}"
-
-
-def direct_examples(cases, rng: np.random.Generator) -> list[dict]:
-    from promed_jax.consult import protocol
-    from promed_jax.data import synthetic
-
-    out = []
-    for c in cases:
-        complaint = synthetic.complaint_of(c)
-        for kind in ("reactive", "full", "part", "part"):
-            facts = {"reactive": (), "full": c.facts}.get(kind)
-            if facts is None:
-                k = int(rng.integers(1, len(c.facts)))
-                facts = tuple(c.facts[i] for i in sorted(rng.choice(len(c.facts), size=k, replace=False)))
-            shown = dataclasses.replace(c, facts=facts)
-            first = protocol.doctor_first_message(shown, mode="full" if facts else "reactive")
-            present = {complaint} | synthetic.findings_of(facts)
-            out.append(
-                {"case_id": c.id, "messages": [{"role": "user", "content": first}, {"role": "assistant", "content": answer_turn(c, present, rng)}]}
-            )
-    return out
 
 
 def drills(n: int, rng: np.random.Generator) -> list[dict]:
@@ -99,11 +62,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--drills", type=int, default=0)
-    p.add_argument(
-        "--answer", choices=("letter", "text"), default="letter",
-        help="the answer marker holds the letter (the protocol's) or the option's text, which extract_answer "
-        "maps to its letter (step 3); applied to every trained answer, the naive doctor's included",
-    )
+    p.add_argument("--naive-max-questions", type=int, default=6)
+    p.add_argument("--direct-cases", type=int, default=0, help="cases with answer-at-once examples (0 = all)")
     args = p.parse_args()
 
     from flax import nnx
@@ -116,9 +76,9 @@ def main() -> None:
     from promed_jax.models.config import ModelConfig
     from promed_jax.models.transformer import Transformer
     from promed_jax.sharding import make_mesh
-    from promed_jax.text.tokenizer import build_tiny_tokenizer
     from promed_jax.training.naive_doctor import write_dialogues
     from promed_jax.training.run import Trainer, prepare_examples
+    from promed_jax.training.warm_start import clinic_tokenizer, direct_examples
 
     print(f"load average at start: {os.getloadavg()}")
     config = base.get_config()
@@ -128,19 +88,13 @@ def main() -> None:
     held_cases = synthetic.make_cases(args.heldout, seed=1)
     rng = np.random.default_rng(0)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="warm_probe_"))
-    ANSWER["format"] = args.answer
-    naive = write_dialogues(train_cases, patient, tmp / "naive.jsonl", seed=0, max_questions=6, protocol_max_questions=10)
-    if args.answer == "text":
-        by_case = {c.id: c for c in train_cases}
-        for r in naive:
-            last = r["messages"][-1]
-            letter = last["content"].rsplit("【answer: ", 1)[1].rstrip("】")
-            last["content"] = last["content"].rsplit("【answer: ", 1)[0] + marker(letter, by_case[r["case_id"]].options)
+    naive = write_dialogues(
+        train_cases, patient, tmp / "naive.jsonl", seed=0, max_questions=args.naive_max_questions,
+        protocol_max_questions=10,
+    )
     print(f"naive doctor: {len(naive)} dialogues, accuracy {np.mean([r['correct'] for r in naive]):.3f}")
-    records = naive + direct_examples(train_cases, rng) + drills(args.drills, rng)
-    texts = [m["content"] for r in records[:400] for m in r["messages"]]
-    texts += [f.fact for f in synthetic.FINDINGS.values()] + list(synthetic.DISEASES)
-    tokenizer = build_tiny_tokenizer(args.vocab, corpus=texts)
+    records = naive + direct_examples(train_cases[: args.direct_cases or None], seed=0, max_questions=10) + drills(args.drills, rng)
+    tokenizer = clinic_tokenizer(records[:400], args.vocab)
     lengths = (128, 192, 256, 320, 384, 512, 768, 1024)
     train, held, _ = prepare_examples(records, tokenizer, lengths=lengths, pad_id=0, eval_fraction=0.05)
     print(f"{len(train)} train / {len(held)} held-out examples, mean {np.mean([e.length for e in train]):.0f} tokens")
@@ -170,9 +124,9 @@ def main() -> None:
     for mode in ("full", "reactive", "proactive"):
         res = evaluate_mode(
             held_cases, backend, patient, tmp / f"{mode}.jsonl", mode=mode, batch_size=32, max_questions=10,
-            max_new_tokens=48, temperature=0.0, model="probe", patient_name="fact_select",
+            max_new_tokens=128, temperature=0.0, model="probe", patient_name="fact_select",
         )
-        named = np.mean([f" fit {by_id[r['id']].options[r['gold'][0]]}" in r["turns"][-1]["content"] for r in res])
+        named = np.mean([f"【answer: {by_id[r['id']].options[r['gold'][0]]}】" in r["turns"][-1]["content"] for r in res])
         print(
             f"{mode}: gold letter {np.mean([r['correct'] for r in res]):.1%}, gold disease named {named:.1%}, "
             f"questions {np.mean([r['n_questions'] for r in res]):.2f}, answered {np.mean([r['answered'] for r in res]):.1%}"

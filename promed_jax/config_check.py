@@ -304,6 +304,19 @@ RULES: Mapping[str, Rule] = {
     "eval.no_repeat_ngram_size": COUNT,
     "eval.seed": SEED,
 }
+# The warm start's section has the SFT section's fields (and their rules) plus its tokenizer's size.
+RULES = {
+    **RULES,
+    **{f"warm_start.{key[4:]}": rule for key, rule in RULES.items() if key.startswith("sft.")},
+    "warm_start.vocab_size": at_least(260, integer=True),  # the byte alphabet and the special tokens
+    "warm_start.cases": COUNT,
+    "preset": one_of(("tiny", "smollm", "qwen7b", "llama8b")),
+    "pipeline.init_checkpoint": any_text,
+    "pipeline.eval_cases": POSITIVE_INT,
+    "pipeline.eval_seed": SEED,
+    "pipeline.stage1": boolean,
+    "pipeline.share_dir": any_text,
+}
 SECTIONS_CHECKED_ELSEWHERE = ("data",)
 
 
@@ -368,22 +381,24 @@ def check_grpo(grpo: Mapping[str, Any]) -> None:
         )
 
 
-def check_sft(sft: Mapping[str, Any]) -> None:
+def check_sft(sft: Mapping[str, Any], *, section: str = "sft") -> None:
+    """The SFT section (or the warm start's, `section`, which has its fields)."""
+    s = section
     if sft["batch_size"] % sft["grad_accum"]:
-        raise _fail("sft.batch_size", f"must be a multiple of sft.grad_accum={sft['grad_accum']}", sft["batch_size"])
+        raise _fail(f"{s}.batch_size", f"must be a multiple of {s}.grad_accum={sft['grad_accum']}", sft["batch_size"])
     if sft["source"] == "files" and not sft["dialogues"]:
-        raise ConfigError("config sft.source='files' needs sft.dialogues (dialogue files of the export schema)")
+        raise ConfigError(f"config {s}.source='files' needs {s}.dialogues (dialogue files of the export schema)")
     for path in sft["dialogues"] if sft["source"] == "files" else ():
         if not pathlib.Path(path).expanduser().is_file():
-            raise ConfigError(f"config sft.dialogues: no such file {path!r}")
+            raise ConfigError(f"config {s}.dialogues: no such file {path!r}")
 
 
-def check_sft_source(sft: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+def check_sft_source(sft: Mapping[str, Any], data: Mapping[str, Any], *, section: str = "sft") -> None:
     """The topic doctor asks about real cases' facts: it needs case files (the naive doctor plays the clinic)."""
     if sft["source"] == "topic" and data["kind"] != "files":
         raise ConfigError(
-            f"config sft.source='topic' needs data.kind='files' (real cases), got data.kind={data['kind']!r}; "
-            "use sft.source='naive' for the synthetic clinic"
+            f"config {section}.source='topic' needs data.kind='files' (real cases), got "
+            f"data.kind={data['kind']!r}; use {section}.source='naive' for the synthetic clinic"
         )
 
 
@@ -447,6 +462,9 @@ def check_run(config: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
     check_grpo(config["grpo"])
     check_sft(config["sft"])
     check_sft_source(config["sft"], config["data"])
+    if "warm_start" in config:
+        check_sft(config["warm_start"], section="warm_start")
+        check_sft_source(config["warm_start"], config["data"], section="warm_start")
     check_eval_modes(config["eval"], config["data"])
     check_mesh(config["mesh"])
     output_dir(workdir, "eval", config["eval"]["run"], key="eval.run")

@@ -29,13 +29,13 @@ if str(REPO_ROOT) not in sys.path:
 STAGES: dict[str, str] = {
     "data": "promed_jax.data.stats:run",
     "shapley": "promed_jax.shapley.run:run",
+    "warm_start": "promed_jax.training.warm_start:run",
     "sft": "promed_jax.training.run:run",
     "mcts": "promed_jax.mcts.run:run",
     "rl": "promed_jax.rl.loop:run",
     "eval": "promed_jax.evaluation.evaluate:run",
 }
 LATER: dict[str, str] = {}  # stages named but not built yet (none now); resolve_stage keeps the rule for new ones
-PIPELINE = ("data", "shapley", "mcts", "sft", "rl", "eval")
 EXIT_BAD_INPUT = 1
 EXIT_NOT_BUILT = 2
 
@@ -76,30 +76,23 @@ def _unbuilt(error: ModuleNotFoundError, module_name: str) -> str:
     return f"needs {error.name}, which is not built yet (later issue)"
 
 
-def run_stage(mode: str, config, workdir: str) -> None:
-    """Runs one stage; a promed_jax module it needs that is not written yet raises StageMissing."""
+def run_stage(mode: str, config, workdir: str):
+    """Runs one stage and returns its output; a promed_jax module it needs that is not written yet raises
+    StageMissing."""
     stage = resolve_stage(mode)
     try:
-        stage(config, workdir)
+        return stage(config, workdir)
     except ModuleNotFoundError as e:
         if _is_ours(e):
             raise StageMissing(f"mode {mode!r}: {_unbuilt(e, STAGES[mode].partition(':')[0])}") from None
         raise
 
 
-def run_pipeline(config, workdir: str) -> list[str]:
-    """Runs the stages that exist, in ProMed's order, and names those still missing; returns the missing ones."""
-    missing = []
-    for mode in PIPELINE:
-        logging.info("pipeline: stage %s", mode)
-        try:
-            run_stage(mode, config, workdir)
-        except StageMissing as e:
-            logging.info("pipeline: %s", e)
-            missing.append(mode)
-    if missing:
-        print(f"pipeline: stages still missing: {', '.join(missing)}")
-    return missing
+def run_pipeline(config, workdir: str) -> dict:
+    """The whole of ProMed and its six-doctor evaluation (`promed_jax.pipeline`); returns results.json's content."""
+    from promed_jax import pipeline
+
+    return pipeline.run(config, workdir)
 
 
 def one_line(error: BaseException, argv: list[str]) -> str:

@@ -213,19 +213,6 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
-@pytest.mark.slow
-def test_main_job_runs_every_stage(tmp_path):
-    result = run_main("--config=configs/rl.py", "--config.data.synthetic_n=4", f"--workdir={tmp_path}", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| synthetic | en | 4 | 4: 4 |" in result.stdout
-    assert "stages still missing" not in result.stdout
-    # every stage ran and wrote its outputs
-    assert (tmp_path / "shapley" / "synthetic.jsonl").is_file()
-    assert (tmp_path / "mcts" / "synthetic.jsonl").is_file() and (tmp_path / "mcts" / "selected.jsonl").is_file()
-    assert (tmp_path / "rl" / "model" / "config.json").is_file()
-    assert list((tmp_path / "eval").glob("*/summary.md"))
-
-
 # --- sweeps ----------------------------------------------------------------------------------------------------------
 
 

@@ -236,6 +236,12 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
 # --- learning: a tiny model on the naive doctor's dialogues -------------------------------------------------
 
 
+def _question_finding():
+    from promed_jax.training.naive_doctor import _QUESTION_TO_FINDING
+
+    return _QUESTION_TO_FINDING
+
+
 def test_naive_doctor_speaks_the_protocol_and_answers_by_the_table(tmp_path):
     from promed_jax.consult.patients import FactSelectPatient
     from promed_jax.data import synthetic
@@ -248,13 +254,29 @@ def test_naive_doctor_speaks_the_protocol_and_answers_by_the_table(tmp_path):
     assert data_lib.read_dialogues(path) == records
     assert all(r["end"] == "answer" and r["policy"]["kind"] == "naive" for r in records)
     questions = [r["llm_calls"]["patient_replies"] for r in records]
-    assert set(questions) == set(range(7))  # 0..6 random questions
+    assert set(questions) == set(range(1, 7))  # 1..6 random questions
     # relevant and irrelevant alike: some questions reveal a fact, most do not
     replies = [m["content"] for r in records for m in r["messages"][2::2]]
     revealed = sum(not c.startswith("Sorry") for c in replies) / len(replies)
     assert 0.05 < revealed < 0.5
+    # it stops at the first confirmed finding, or at its limit: what it heard is in the dialogue it leaves
+    for r in records:
+        confirmed = [not m["content"].startswith("Sorry") for m in r["messages"][2::2]]
+        assert not any(confirmed[:-1])
+        assert confirmed[-1] or len(confirmed) == 6
+    # the marker holds the option's text, which the protocol reads as its letter
+    cases = {c.id: c for c in synthetic.make_cases(200, seed=5)}
+    for r in records:
+        options = cases[r["case_id"]].options
+        assert r["messages"][-1]["content"].endswith(f"【answer: {options[r['letters'][0]]}】")
     accuracy = np.mean([r["correct"] for r in records])
-    assert 0.35 < accuracy < 0.9  # better than chance (1/4) by the table, worse than asking well (1.0)
+    assert 0.6 < accuracy < 0.97  # better than chance (1/4) by the table, worse than asking well (1.0)
+    # it asks within the differential: every question is about a finding of one of the options' diseases
+    for r in records:
+        case = cases[r["case_id"]]
+        differential = set().union(*(synthetic.DISEASES[d] for d in case.options.values()))
+        for m in r["messages"][1::2][:-1]:
+            assert _question_finding()[m["content"]] in differential
 
 
 def test_random_doctor_asks_the_limit_then_answers_the_best_fit():
@@ -277,6 +299,7 @@ def test_random_doctor_asks_the_limit_then_answers_the_best_fit():
         # doctor's rule would fall back to all four
         assert RandomDoctor._candidates(options, {"c", "d"}, set()) == ["A", "C"]
         assert NaiveDoctor._candidates(options, {"c", "d"}, set()) == ["A", "B", "C", "D"]
+        assert NaiveDoctor._candidates(options, {"a", "b"}, {"c"}) == ["A", "C", "D"]  # denials not used
     finally:
         synthetic.DISEASES = original
     cases = synthetic.make_cases(120, seed=5)
@@ -287,7 +310,7 @@ def test_random_doctor_asks_the_limit_then_answers_the_best_fit():
     assert {d.n_questions for d in runs[RandomDoctor]} == {10}
     assert all(d.end == "answer" for d in runs[RandomDoctor])
     accuracy = {cls: np.mean([d.correct for d in ds]) for cls, ds in runs.items()}
-    assert accuracy[RandomDoctor] > accuracy[NaiveDoctor]  # 10 questions buy more than 0..10
+    assert accuracy[RandomDoctor] > 0.5  # 10 questions and the best fit beat chance (1/4) by far
     assert accuracy[RandomDoctor] < 1.0  # random questions miss the finding that separates the options
 
 

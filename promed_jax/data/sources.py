@@ -33,7 +33,15 @@ from promed_jax.errors import ConfigError, DataError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPLITS = ("train", "dev", "test")
-STAGE_SPLITS = {"data": "all", "shapley": "train", "mcts": "train", "sft": "train", "rl": "train", "eval": "test"}
+STAGE_SPLITS = {
+    "data": "all",
+    "warm_start": "train",
+    "shapley": "train",
+    "mcts": "train",
+    "sft": "train",
+    "rl": "train",
+    "eval": "test",
+}
 # A source names a cache file and prefixes ids: a word, no path separators, no leading dot.
 _SOURCE_NAME = re.compile(r"^\w[\w.-]*$")
 _FRACTION_TOL = 1e-6

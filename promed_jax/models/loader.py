@@ -26,10 +26,13 @@ def _our_fields(section: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def load_model(section: Mapping[str, Any], *, mesh: Mesh | None = None) -> tuple[Transformer, Any]:
+def load_model(
+    section: Mapping[str, Any], *, mesh: Mesh | None = None, tokenizer: Any = None
+) -> tuple[Transformer, Any]:
     """Build the model and its tokenizer from the `model` config section (`configs/base.py: model_config`).
 
-    kind `tiny`: a random model (seeded) sized by `section.tiny`, vocabulary from the tiny tokenizer;
+    kind `tiny`: a random model (seeded) sized by `section.tiny`, vocabulary from `tokenizer` (default: the tiny
+    tokenizer of `text.tokenizer`);
     `hf`: a Hugging Face folder at `section.path`; `gguf`: a GGUF file at `section.path`, SmolLM2-135M-Instruct
     from its package when the path is empty. With a mesh every array is placed under its logical sharding.
     For sampling and scoring, call `model.materialize_head()` on the result (tied embeddings).
@@ -41,7 +44,7 @@ def load_model(section: Mapping[str, Any], *, mesh: Mesh | None = None) -> tuple
     path = str(section.get("path", "") or "")
     ours = _our_fields(section)
     if kind == "tiny":
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
         cfg = ModelConfig.tiny(vocab_size=len(tokenizer), **dict(section.get("tiny", {})), **ours)
         model = Transformer(cfg, rngs=nnx.Rngs(seed))
         if mesh is not None:

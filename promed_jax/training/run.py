@@ -37,6 +37,7 @@ from promed_jax.training.sft import make_sft_loss
 
 STAGE = "sft"
 NAIVE_FILE = "naive_doctor.jsonl"
+DIRECT_FILE = "direct_answers.jsonl"
 TOPIC_FILE = "topic_doctor.jsonl"
 
 
@@ -46,30 +47,33 @@ def stage_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 def run(config, workdir: str) -> pathlib.Path:
     """Trains, checkpoints and exports; returns the exported model folder. Holds `{workdir}/sft.lock`."""
-    with output_lock(stage_dir(workdir)):
-        return _run(config, workdir)
+    return train(config, workdir, stage=STAGE)
 
 
-def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
-    """The dialogues to train on: the naive or the topic doctor's (written first if absent) or the configured
-    files."""
-    sft = config.sft
+def train(config, workdir: str, *, stage: str) -> pathlib.Path:
+    """The SFT stage (`stage='sft'`, the `sft` section) or the warm start (`'warm_start'`, its section, same
+    fields): trains, checkpoints and exports into `{workdir}/<stage>/`, holding `{workdir}/<stage>.lock`."""
+    with output_lock(pathlib.Path(workdir) / stage):
+        return _run(config, workdir, stage)
+
+
+def section_of(config, stage: str):
+    """The config section a training stage reads: `sft` or `warm_start`."""
+    return config.warm_start if stage == "warm_start" else config.sft
+
+
+def dialogue_records(config, folder: pathlib.Path, stage: str = STAGE) -> list[dict]:
+    """The dialogues to train on: the naive doctor's plus the answer-at-once examples (`warm_start`), or the
+    topic doctor's (each written first if absent), or the configured files."""
+    sft = section_of(config, stage)
     if sft.source == "naive":
         path = folder / NAIVE_FILE
         if not path.exists():
             from promed_jax.consult.patients import make_patient
-            from promed_jax.data import synthetic
-            from promed_jax.data.sources import cases_from_config
             from promed_jax.training.naive_doctor import write_dialogues
 
-            # The naive doctor knows the synthetic clinic's table only: with other data configured, the warm
-            # start (it teaches the protocol, not medicine) still consults data.synthetic_n synthetic cases.
-            if config.data.kind == "synthetic":
-                cases = cases_from_config(config.data, stage=STAGE)
-            else:
-                cases = synthetic.make_cases(config.data.synthetic_n, config.data.synthetic_seed)
             records = write_dialogues(
-                cases,
+                _naive_cases(config, stage),
                 make_patient(config.patient),
                 path,
                 seed=sft.seed,
@@ -77,8 +81,23 @@ def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
                 protocol_max_questions=config.consult.max_questions,
             )
             accuracy = float(np.mean([r["correct"] for r in records])) if records else 0.0
-            logging.info("sft: naive doctor: %d dialogues, accuracy %.3f -> %s", len(records), accuracy, path)
-        return data_lib.read_dialogues(path)
+            questions = float(np.mean([r["llm_calls"]["patient_replies"] for r in records])) if records else 0.0
+            logging.info(
+                "%s: naive doctor: %d dialogues, accuracy %.3f, %.2f questions -> %s",
+                stage,
+                len(records),
+                accuracy,
+                questions,
+                path,
+            )
+        direct = folder / DIRECT_FILE
+        if not direct.exists():
+            from promed_jax.training.naive_doctor import write_records
+            from promed_jax.training.warm_start import direct_examples
+
+            cases = _naive_cases(config, stage)
+            write_records(direct, direct_examples(cases, seed=sft.seed, max_questions=config.consult.max_questions))
+        return data_lib.read_dialogues(path) + data_lib.read_dialogues(direct)
     if sft.source == "topic":
         path = folder / TOPIC_FILE
         if not path.exists():
@@ -87,7 +106,7 @@ def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
             from promed_jax.training.topic_doctor import write_dialogues
 
             records = write_dialogues(
-                cases_from_config(config.data, stage=STAGE),
+                cases_from_config(config.data, stage=stage),
                 make_patient(config.patient),
                 path,
                 seed=sft.seed,
@@ -101,6 +120,19 @@ def dialogue_records(config, folder: pathlib.Path) -> list[dict]:
     for path in sft.dialogues:
         records += data_lib.read_dialogues(path)
     return records
+
+
+def _naive_cases(config, stage: str) -> list:
+    """The cases the naive doctor consults: the warm start's `warm_start.cases` synthetic cases when set,
+    else the configured synthetic cases. It knows the synthetic clinic's table only: with other data
+    configured, it still consults data.synthetic_n synthetic cases (it teaches the protocol, not medicine)."""
+    from promed_jax.data import synthetic
+    from promed_jax.data.sources import cases_from_config
+
+    n = section_of(config, stage).get("cases", 0) or config.data.synthetic_n
+    if config.data.kind == "synthetic" and n == config.data.synthetic_n:
+        return cases_from_config(config.data, stage=stage)
+    return synthetic.make_cases(n, config.data.synthetic_seed)
 
 
 def prepare_examples(
@@ -255,24 +287,29 @@ def plot_losses(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _run(config, workdir: str) -> pathlib.Path:
+def _run(config, workdir: str, stage: str) -> pathlib.Path:
     from promed_jax.models.checkpoints import save_hf
     from promed_jax.models.loader import load_model
     from promed_jax.models.lora import merge_lora
     from promed_jax.sharding import make_mesh
 
-    sft, ckpt = config.sft, config.ckpt
-    folder = stage_dir(workdir)
+    sft, ckpt = section_of(config, stage), config.ckpt
+    folder = pathlib.Path(workdir) / stage
     folder.mkdir(parents=True, exist_ok=True)
-    records = dialogue_records(config, folder)
+    records = dialogue_records(config, folder, stage)
     if not records:
-        raise DataError("sft: no dialogues to train on")
+        raise DataError(f"{stage}: no dialogues to train on")
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-    model, tokenizer = load_model(config.model, mesh=mesh)
+    tokenizer = None
+    if stage == "warm_start" and config.model.kind == "tiny":
+        from promed_jax.training.warm_start import clinic_tokenizer
+
+        tokenizer = clinic_tokenizer(records, sft.vocab_size)  # a fresh model: its tokenizer fits the clinic
+    model, tokenizer = load_model(config.model, mesh=mesh, tokenizer=tokenizer)
     checkpoints = folder / "checkpoints"
     provenance.check_or_write(
         folder,
-        provenance.make(config, STAGE, weights=provenance.weights_hash(model), prompt_version=DOCTOR_PROMPT_VERSION),
+        provenance.make(config, stage, weights=provenance.weights_hash(model), prompt_version=DOCTOR_PROMPT_VERSION),
         has_results=checkpoints.exists() and any(checkpoints.iterdir()),
         hint="use another workdir",
     )
@@ -283,21 +320,25 @@ def _run(config, workdir: str) -> pathlib.Path:
     )
     if dropped:
         logging.warning(
-            "sft: %d of %d dialogues are longer than sft.max_tokens=%d and are left out",
+            "%s: %d of %d dialogues are longer than %s.max_tokens=%d and are left out",
+            stage,
             dropped,
             len(records),
+            stage,
             sft.max_tokens,
         )
     if not train:
-        raise DataError(f"sft: all {len(records)} dialogues are held out or too long; lower sft.eval_fraction")
-    logging.info("sft: %d train / %d held-out dialogues, buckets %s", len(train), len(held), lengths)
+        raise DataError(
+            f"{stage}: all {len(records)} dialogues are held out or too long; lower {stage}.eval_fraction"
+        )
+    logging.info("%s: %d train / %d held-out dialogues, buckets %s", stage, len(train), len(held), lengths)
     trainer = Trainer(model, train, sft=sft, lora=config.model.lora_rank > 0, mesh=mesh, pad_id=pad_id, lengths=lengths)
     saver = Checkpointer(checkpoints, every_steps=ckpt.every_steps, max_to_keep=ckpt.max_to_keep)
     metrics_path = folder / "metrics.jsonl"
     if ckpt.resume and saver.latest_step() is not None:
         trainer.state = saver.restore(trainer.state)
         _resume_metrics(metrics_path, int(jax.device_get(trainer.state.step)))
-        logging.info("sft: resumed at step %d", int(jax.device_get(trainer.state.step)))
+        logging.info("%s: resumed at step %d", stage, int(jax.device_get(trainer.state.step)))
     elif saver.latest_step() is not None:
         raise WorkdirError(
             f"{checkpoints} holds checkpoints and ckpt.resume=False; use another workdir or ckpt.resume=True"
@@ -307,7 +348,7 @@ def _run(config, workdir: str) -> pathlib.Path:
     done = int(jax.device_get(trainer.state.step))
     with (
         JsonlWriter(metrics_path) as writer,
-        tqdm(total=trainer.total_steps, initial=done, desc="sft", unit="step") as bar,
+        tqdm(total=trainer.total_steps, initial=done, desc=stage, unit="step") as bar,
     ):
         while done < trainer.total_steps:
             record = trainer.step()
