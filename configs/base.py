@@ -205,7 +205,9 @@ def sft_config() -> ml_collections.ConfigDict:
     # 'files': the dialogue files below (MCTS exports or any file of the export schema)
     c.source = "naive"
     c.dialogues = ()
-    c.naive_max_questions = 6  # the naive (topic) doctor asks 0..naive_max_questions findings (facts) per case
+    # the naive doctor asks findings until one is confirmed, at most this many; the topic doctor asks
+    # 0..naive_max_questions facts per case
+    c.naive_max_questions = 6
     c.seed = 0  # batch order, dropout keys and the naive doctor
     return c
 
@@ -228,6 +230,7 @@ def warm_start_config() -> ml_collections.ConfigDict:
     c.eval_fraction = 0.05
     c.vocab_size = 1024  # model.kind='tiny': the BPE trained on the clinic's dialogues
     c.cases = 0  # source 'naive': synthetic cases the naive doctor consults (0 = data.synthetic_n)
+    c.naive_max_questions = 10  # the protocol's limit: the naive doctor asks the table in order up to it
     return c
 
 

@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--drills", type=int, default=0)
     p.add_argument("--naive-max-questions", type=int, default=6)
+    p.add_argument("--order", choices=("random", "table"), default="random", help="the naive doctor's question order")
+    p.add_argument("--whole-table", action="store_true", help="the naive doctor asks any finding, not the differential's")
     p.add_argument("--direct-cases", type=int, default=0, help="cases with answer-at-once examples (0 = all)")
     args = p.parse_args()
 
@@ -88,6 +90,10 @@ def main() -> None:
     held_cases = synthetic.make_cases(args.heldout, seed=1)
     rng = np.random.default_rng(0)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="warm_probe_"))
+    from promed_jax.training.naive_doctor import NaiveDoctor
+
+    NaiveDoctor.fixed_order = args.order == "table"
+    NaiveDoctor.ask_differential = not args.whole_table
     naive = write_dialogues(
         train_cases, patient, tmp / "naive.jsonl", seed=0, max_questions=args.naive_max_questions,
         protocol_max_questions=10,

@@ -254,7 +254,7 @@ def test_naive_doctor_speaks_the_protocol_and_answers_by_the_table(tmp_path):
     assert data_lib.read_dialogues(path) == records
     assert all(r["end"] == "answer" and r["policy"]["kind"] == "naive" for r in records)
     questions = [r["llm_calls"]["patient_replies"] for r in records]
-    assert set(questions) == set(range(1, 7))  # 1..6 random questions
+    assert {1, 6} <= set(questions) <= set(range(1, 7))  # 1..6 questions
     # relevant and irrelevant alike: some questions reveal a fact, most do not
     replies = [m["content"] for r in records for m in r["messages"][2::2]]
     revealed = sum(not c.startswith("Sorry") for c in replies) / len(replies)
@@ -270,13 +270,12 @@ def test_naive_doctor_speaks_the_protocol_and_answers_by_the_table(tmp_path):
         options = cases[r["case_id"]].options
         assert r["messages"][-1]["content"].endswith(f"【answer: {options[r['letters'][0]]}】")
     accuracy = np.mean([r["correct"] for r in records])
-    assert 0.6 < accuracy < 0.97  # better than chance (1/4) by the table, worse than asking well (1.0)
-    # it asks within the differential: every question is about a finding of one of the options' diseases
+    assert 0.4 < accuracy < 0.9  # better than chance (1/4) by the table, worse than asking well (1.0)
+    # it asks the table's findings in their fixed (alphabetical) order, the complaint left out
     for r in records:
-        case = cases[r["case_id"]]
-        differential = set().union(*(synthetic.DISEASES[d] for d in case.options.values()))
-        for m in r["messages"][1::2][:-1]:
-            assert _question_finding()[m["content"]] in differential
+        complaint = synthetic.complaint_of(cases[r["case_id"]])
+        asked = [_question_finding()[m["content"]] for m in r["messages"][1::2][:-1]]
+        assert asked == sorted(set(synthetic.FINDINGS) - {complaint})[: len(asked)]
 
 
 def test_random_doctor_asks_the_limit_then_answers_the_best_fit():
