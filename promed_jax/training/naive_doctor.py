@@ -7,8 +7,8 @@ which the fact_select patient answers verbatim), until the patient confirms one 
 `max_questions`. Then it answers by the table: an option whose disease explains every finding heard
 (denials are not used), drawn among those with the seed and the case's first message; the marker holds the
 option's text (`answer_text`; `【answer: Pneumonia】`, which `protocol.extract_answer` maps to its letter). So
-it speaks the protocol but asks without looking at the case: 0.75 accuracy with 7.2 questions on 512
-synthetic cases at max_questions = 10 (the SFT stage's log reports it).
+it speaks the protocol but asks without looking at the case: 0.75 accuracy with 6.9 questions on 512
+synthetic cases at max_questions = 10 (0.66 with 4.8 at 6) (the SFT stage's log reports it).
 
 Why this doctor (measured with `experiments/warm_start_probe.py` on a 4-layer, 128-wide model, README "The
 embedded default"). A tiny model must learn when to answer and what to ask from the dialogue it sees, and

@@ -1,8 +1,12 @@
 """The SFT stage (`mode=sft`): dialogues -> a trained doctor, exported as a Hugging Face folder.
 
-Outputs under `{workdir}/sft/`: `naive_doctor.jsonl` (with `sft.source='naive'`: the scripted naive doctor's
-consultations of the configured synthetic cases, or of `data.synthetic_n` synthetic cases when other data is
-configured: the warm start teaches the protocol), `topic_doctor.jsonl` (with `sft.source='topic'`: the scripted
+`train(config, workdir, stage=...)` is also the warm start (`training.warm_start`, stage `warm_start`, its own
+section with the SFT section's fields, outputs under `{workdir}/warm_start/`).
+
+Outputs under `{workdir}/sft/`: `naive_doctor.jsonl` (with `sft.source='naive'`: the scripted naive
+doctor's consultations of the configured synthetic cases, or of `data.synthetic_n` synthetic cases when other
+data is configured; the warm start adds `direct_answers.jsonl`, answer-at-once examples of the same cases),
+`topic_doctor.jsonl` (with `sft.source='topic'`: the scripted
 topic doctor's consultations of the configured data cases of the split, real MedQA / CMB cases),
 `checkpoints/` (orbax), `metrics.jsonl`
 (one line per step: loss, lr, grad norm, doctor tokens, tokens/s; eval loss every `sft.eval_every` steps
@@ -63,8 +67,8 @@ def section_of(config, stage: str):
 
 
 def dialogue_records(config, folder: pathlib.Path, stage: str = STAGE) -> list[dict]:
-    """The dialogues to train on: the naive doctor's plus the answer-at-once examples (`warm_start`), or the
-    topic doctor's (each written first if absent), or the configured files."""
+    """The dialogues to train on: the naive doctor's (with the answer-at-once examples for the warm start),
+    or the topic doctor's (each written first if absent), or the configured files."""
     sft = section_of(config, stage)
     if sft.source == "naive":
         path = folder / NAIVE_FILE
@@ -90,6 +94,8 @@ def dialogue_records(config, folder: pathlib.Path, stage: str = STAGE) -> list[d
                 questions,
                 path,
             )
+        if stage != "warm_start":
+            return data_lib.read_dialogues(path)
         direct = folder / DIRECT_FILE
         if not direct.exists():
             from promed_jax.training.naive_doctor import write_records
