@@ -73,7 +73,7 @@ def ours(model, batch: dict, *, lora: bool, reps: int, chunk: int) -> dict[str, 
     state = S.place_state(S.init_state(params, frozen, tx, seed=0), mesh)
     key = jax.random.key(0)
     forward = jax.jit(lambda p, f, b: loss_fn(nnx.merge(graphdef, p, f), jax.tree.map(lambda x: x[0], b), key)[0])
-    grads = jax.jit(lambda p, f, b: S.accumulate(loss_fn, graphdef, p, f, b, key)[:2])
+    grads = jax.jit(lambda p, f, b: S.accumulate(loss_fn, graphdef, p, f, b, key)[:3])  # [:2] let XLA drop the backward
     step = S.compile_step(
         S.make_train_step(loss_fn, graphdef, tx, S.schedule(opt)), state, mesh, batch["tokens"].shape[1]
     )

@@ -1,5 +1,6 @@
 """The decoder against transformers' torch Llama/Qwen2, and its mask/position/cache contract."""
 
+import functools
 import json
 
 import jax
@@ -11,6 +12,8 @@ from flax import nnx
 
 from promed_jax.models import ModelConfig, Transformer, causal_mask, init_cache, positions_from_mask
 from promed_jax.models.checkpoints import load_hf
+from promed_jax.rl.step import _forward as _grpo_forward
+from promed_jax.training.sft import sequence_logprobs as sft_forward
 
 torch = need_torch()
 from promed_jax.models.testing import random_hf_model, save_hf_model, torch_logits
@@ -239,3 +242,44 @@ def test_grown_prefix_cache_continues_like_the_full_forward(tiny):
     mask = jnp.broadcast_to(causal_mask(ones)[:, 6:], (2, 4, 10))
     logits, _ = step(tiny, tails, jnp.broadcast_to(positions[:, 6:], (2, 4)), mask, cache=cache, index=jnp.int32(6))
     np.testing.assert_allclose(np.asarray(logits), full[:, 6:], atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_causal_blocks_keep_hidden_states_and_gradients(tiny, remat):
+    """`hidden_states(causal=True)` skips the key blocks above the diagonal (`attend`'s causal_block): the
+    same hidden states at every attended position and the same gradients, with a length that is not a
+    multiple of the block, padding on either side and masked-out spans."""
+    cfg = tiny.config.replace(attention_block=8, remat=remat)
+    model = nnx.merge(nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0))), nnx.state(tiny))
+    tokens, valid = _batch(97, [37, 20], 37, seed=8)
+    valid[0, [3, 17]] = False
+    valid = jnp.asarray(valid)
+    args = (jnp.asarray(tokens), positions_from_mask(valid), causal_mask(valid))
+
+    def hidden(m, causal):
+        return m.hidden_states(*args, causal=causal)[0]
+
+    graphdef, state = nnx.split(model)
+    scores = "f32[2,2,2,37,37]"  # [B, KV, G, T, S]: the one-block scores
+    for causal in (True, False):
+        jaxpr = str(jax.make_jaxpr(lambda st, c=causal: hidden(nnx.merge(graphdef, st), c))(state))
+        assert (scores in jaxpr) is not causal  # the blocked forward never forms them
+    batch = {"tokens": args[0], "targets": args[0], "valid": valid}
+    # the training losses ask for blocks
+    for name, forward in [("sft", sft_forward), ("grpo", functools.partial(_grpo_forward, use_lora=True))]:
+        assert scores not in str(jax.make_jaxpr(lambda st, f=forward: f(nnx.merge(graphdef, st), batch))(state)), name
+    blocked, whole = nnx.jit(hidden, static_argnums=1)(model, True), nnx.jit(hidden, static_argnums=1)(model, False)
+    np.testing.assert_allclose(blocked[valid], whole[valid], atol=1e-5)
+    weights = valid.astype(jnp.float32)[..., None]
+
+    def loss(m, causal):
+        return (hidden(m, causal) * weights).sum()
+
+    grads = [nnx.jit(nnx.grad(loss), static_argnums=1)(model, c) for c in (True, False)]
+    for g, w in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()  # gradients reach ~400 here: a relative bound
+    with pytest.raises(ValueError, match="cache-free"):
+        cache = init_cache(cfg, 2, 40)
+        model.hidden_states(*args[:2], jnp.ones((2, 37, 40), bool), cache=cache, cache_index=jnp.int32(0), causal=True)
+    with pytest.raises(ValueError, match="attention_block"):
+        cfg.replace(attention_block=-1)

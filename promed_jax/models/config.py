@@ -73,6 +73,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     attention_out_bias: bool = False
     model_type: str = "llama"
+    attention_block: int = 128  # queries per block of the causal training forward (`attend`); 0: one block
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
@@ -92,6 +93,8 @@ class ModelConfig:
             raise ValueError(f"unknown lora_targets {sorted(unknown)}; known: {LORA_TARGETS}")
         if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"bad LoRA settings: rank={self.lora_rank}, dropout={self.lora_dropout}")
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 0 (0: no blocks)")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
 

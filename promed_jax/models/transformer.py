@@ -185,11 +185,39 @@ class Projection(nnx.Module):
         return y
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *, causal_block: int = 0
+) -> jax.Array:
     """Grouped-query attention: q [B, T, KV, G, hd], k/v [B, S, KV, hd], mask bool [B, T, S] -> [B, T, KV, G, hd].
 
     Scores and softmax in float32. A masked-out row (padding) gets uniform weights, never NaN.
+
+    `causal_block > 0` promises a causal mask over S == T keys (no query attends a later key, as
+    `causal_mask` builds): the queries then go in blocks of `causal_block` rows, each against the keys up to
+    its last row, so the blocks above the diagonal are never computed (at T = n blocks, (n + 1) / 2n of the
+    work and of the scores' memory). Every row with an attended key gets the same value; an all-masked
+    (padding) row is uniform over its block's keys instead of all S.
     """
+    t = q.shape[1]
+    if causal_block and t > causal_block and k.shape[1] == t:
+        starts = range(0, t, causal_block)
+        return jnp.concatenate(
+            [
+                _attend(
+                    q[:, s : s + causal_block],
+                    k[:, : s + causal_block],
+                    v[:, : s + causal_block],
+                    mask[:, s : s + causal_block, : s + causal_block],
+                    scale,
+                )
+                for s in starts
+            ],
+            axis=1,
+        )
+    return _attend(q, k, v, mask, scale)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
@@ -252,6 +280,7 @@ class Attention(nnx.Module):
         kv_cache: tuple[jax.Array, jax.Array] | None,
         cache_index: jax.Array | None,
         use_lora: bool,
+        causal_block: int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         q = apply_rope(self.q_proj(x, use_lora), cos, sin)  # [B, T, H, hd]
         k = apply_rope(self.k_proj(x, use_lora), cos, sin)  # [B, T, KV, hd]
@@ -263,7 +292,8 @@ class Attention(nnx.Module):
             kv_cache = (k, v)
         b, t, h, hd = q.shape
         q = q.reshape(b, t, h // self.groups, self.groups, hd)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.scale).reshape(b, t, h, hd)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.scale, causal_block=causal_block)
+        out = out.reshape(b, t, h, hd)
         return self.o_proj(out, use_lora), kv_cache
 
 
@@ -288,8 +318,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache, cache_index, use_lora: bool):
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index, use_lora)
+    def __call__(self, x, cos, sin, mask, kv_cache, cache_index, use_lora: bool, causal_block: int = 0):
+        attn, kv_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index, use_lora, causal_block
+        )
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x), use_lora), kv_cache
 
@@ -370,9 +402,16 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         use_lora: bool = True,
+        causal: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """As `__call__`, but the final normed hidden states `[B, T, D]` (compute dtype) instead of the logits,
-        for losses that apply the head in vocabulary chunks (`promed_jax.training.logprobs`)."""
+        for losses that apply the head in vocabulary chunks (`promed_jax.training.logprobs`).
+
+        `causal=True` (no cache) promises that `mask` is causal, as the training losses' `causal_mask` is:
+        attention then skips the key blocks above the diagonal (`attend`, blocks of `config.attention_block`
+        queries). The Shapley game's fact-tree masks are not causal in this sense and leave it off."""
+        if causal and cache is not None:
+            raise ValueError("causal=True is for the cache-free forward")
         cfg = self.config
         if (cache is None) != (cache_index is None):
             raise ValueError("pass cache and cache_index together")
@@ -385,11 +424,12 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         cos, sin = rope_tables(cfg, positions)
 
+        block_size = cfg.attention_block if causal else 0
         if cfg.remat and cache is None:
-            return self.norm(_scanned_blocks(self.layers, x, cos, sin, mask, use_lora)), None
+            return self.norm(_scanned_blocks(self.layers, x, cos, sin, mask, use_lora, block_size)), None
 
         def step(block: Block, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None):
-            return block(x, cos, sin, mask, layer_cache, cache_index, use_lora)
+            return block(x, cos, sin, mask, layer_cache, cache_index, use_lora, block_size)
 
         if cfg.remat:
             step = nnx.remat(step)
@@ -403,7 +443,7 @@ class Transformer(nnx.Module):
         return self.norm(x), (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
 
 
-def _scanned_blocks(layers, x, cos, sin, mask, use_lora: bool) -> jax.Array:
+def _scanned_blocks(layers, x, cos, sin, mask, use_lora: bool, causal_block: int = 0) -> jax.Array:
     """The blocks as one `lax.scan` of a rematerialised block over their stacked variables (no KV cache).
 
     Why not `nnx.remat` per block in the Python loop: in an unrolled loop XLA is free to schedule every
@@ -419,7 +459,7 @@ def _scanned_blocks(layers, x, cos, sin, mask, use_lora: bool) -> jax.Array:
     @jax.checkpoint
     def body(x, state):
         block = nnx.merge(graphdef, state)
-        y, _ = block(x, cos, sin, mask, None, None, use_lora)
+        y, _ = block(x, cos, sin, mask, None, None, use_lora, causal_block)
         return y, nnx.state(block, nnx.RngState)
 
     x, rng_states = jax.lax.scan(body, x, stacked)

@@ -128,7 +128,9 @@ def token_entropy(hidden: jax.Array, head: jax.Array, *, chunk: int) -> jax.Arra
 
 def _forward(model: nnx.Module, batch: Mapping[str, jax.Array], *, use_lora: bool) -> jax.Array:
     valid = batch["valid"]
-    hidden, _ = model.hidden_states(batch["tokens"], positions_from_mask(valid), causal_mask(valid), use_lora=use_lora)
+    hidden, _ = model.hidden_states(
+        batch["tokens"], positions_from_mask(valid), causal_mask(valid), use_lora=use_lora, causal=True
+    )
     return hidden
 
 

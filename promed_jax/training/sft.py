@@ -18,7 +18,9 @@ def sequence_logprobs(
     """float32 [B, T]: log p(targets[t] | tokens[:t + 1]) under `model` for a right-padded batch
     (`tokens`, `targets` int [B, T], `valid` bool [B, T])."""
     valid = batch["valid"]
-    hidden, _ = model.hidden_states(batch["tokens"], positions_from_mask(valid), causal_mask(valid), use_lora=use_lora)
+    hidden, _ = model.hidden_states(
+        batch["tokens"], positions_from_mask(valid), causal_mask(valid), use_lora=use_lora, causal=True
+    )
     return token_logprobs(hidden, model.head_kernel(), batch["targets"], chunk=chunk)
 
 
