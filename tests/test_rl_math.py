@@ -70,7 +70,7 @@ def test_config_rules_take_the_registry_names_and_ranges():
 
     expect = {
         "grpo.reward": {"distributed", "trajectory", "no_distribution", "outcome_only"},
-        "grpo.advantage": {"token_mean", "traj_mean", "group_std", "rloo"},
+        "grpo.advantage": {"token_mean", "traj_mean", "group_std", "rloo", "zero"},
         "grpo.kl_estimator": {"k1", "k2", "k3", "none"},
         "grpo.loss_aggregation": {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"},
     }
@@ -112,6 +112,7 @@ EXPECTED = {
     "traj_mean": [[-1, -1, 0], [1, 0, 0], [0.25, 0.25, 0.25], [-0.75, 0.25, 0], [-1, -1, 0], [1, 0, 0]],
     "group_std": [[-S, -S, 0], [S, 0, 0], [S, S, S], [-S, -S, 0], [0, 0, 0], [0, 0, 0]],
     "rloo": [[-1, -1, 0], [1, 0, 0], [3, 3, 3], [-3, -3, 0], [0, 0, 0], [0, 0, 0]],
+    "zero": np.zeros((6, 3)),  # the learning runs' control
 }
 
 

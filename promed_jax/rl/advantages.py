@@ -11,6 +11,7 @@ int32[N] in [0, N) the case of each row (rows of one case form a group of G). Ad
 - `group_std` (GRPO): (R − mean R) / std R over the group's per-dialogue summed rewards R = Σ_t r_t
   (sample std, ddof = 1), broadcast to the dialogue's doctor tokens.
 - `rloo`: R minus the mean R of the group's other dialogues, broadcast.
+- `zero`: 0 everywhere, the control run's (only the KL term acts).
 
 For `group_std` and `rloo` a group whose summed rewards are all equal (within a relative 1e-6), or that
 has one row, gets zero advantage (the reference code gives such a group random ±1). `metrics` holds
@@ -116,3 +117,11 @@ def rloo(rewards: jax.Array, mask: jax.Array, group: jax.Array) -> tuple[jax.Arr
     degenerate = equal_groups(totals, group) | (size < 2)
     row = jnp.where(degenerate, 0.0, totals - others)
     return _finish(jnp.broadcast_to(row[:, None], rewards.shape), rewards, mask, group)
+
+
+@registry.register(KIND, "zero")
+def zero(rewards: jax.Array, mask: jax.Array, group: jax.Array) -> tuple[jax.Array, Metrics]:
+    """The control of the learning runs: every advantage 0, so only the KL term moves the policy (towards
+    the reference, where it starts). The rewards are still computed and logged."""
+    _check(rewards, mask, group)
+    return _finish(jnp.zeros_like(rewards), rewards, mask, group)
