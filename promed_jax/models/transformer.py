@@ -409,7 +409,7 @@ class Transformer(nnx.Module):
 
         `causal=True` (no cache) promises that `mask` is causal, as the training losses' `causal_mask` is:
         attention then skips the key blocks above the diagonal (`attend`, blocks of `config.attention_block`
-        queries). The Shapley game's fact-tree masks are not causal in this sense and leave it off."""
+        queries). The Shapley game and the sampler attend through a KV cache and leave it off."""
         if causal and cache is not None:
             raise ValueError("causal=True is for the cache-free forward")
         cfg = self.config
