@@ -1,12 +1,16 @@
-"""Does SIG-GRPO learn on the synthetic clinic? Stage 2 from one Stage 1 model, several ways, on many held-out cases.
+"""Does SIG-GRPO learn on the synthetic clinic? Stage 2 from one start model, several ways, on many held-out cases.
 
     python -m promed_jax.main --config=configs/rl.py --workdir=runs/default      # the pipeline, once
     python experiments/grpo_learning.py runs/default --out=runs/learning [--cases 200] [--seeds 0,1]
+    python experiments/grpo_learning.py runs/default --out=runs/learning-ws --init=warm_start \
+        --set grpo.steps=30 --set grpo.learning_rate=3e-4 --set sampling.temperature=1.0   # issue 12's start
 
 From a finished default pipeline workdir (its Stage 1 model, its warm start and its training cases' Shapley
 weights) this runs the rl stage of `configs/rl.py` once per variant and seed, each in a workdir of its own
-under `--out` (linked to the pipeline's `shapley/`), then evaluates the Stage 1 model and every result
-proactively, greedily, on `--cases` held-out synthetic cases (seed `pipeline.eval_seed`, disjoint from
+under `--out` (linked to the pipeline's `shapley/`), from `--init` (the pipeline's Stage 1 model, or its warm
+start: the doctor that speaks the protocol but asks without reading the case), with the `--set` overrides
+(SECTION.FIELD=VALUE, a Python literal or a string, applied under each variant's own), then evaluates the
+start model and every result proactively, greedily, on `--cases` held-out synthetic cases (seed `pipeline.eval_seed`, disjoint from
 training's). Variants:
 
 - `sig_grpo`: the method as configured (distributed SIG rewards, Shapley weighting), for every seed;
@@ -15,7 +19,7 @@ training's). Variants:
 - `uniform`: SIG with uniform fact weights (`shapley.weighting='uniform'`).
 
 Printed, one row per model (and written to `--out/learning.md` and `learning.json`): accuracy with its 95%
-interval, the change against Stage 1 in points, mean questions, SIG per question (the held-out cases' own
+interval, the change against the start model in points, mean questions, SIG per question (the held-out cases' own
 weights with θ = the warm start, as the pipeline's table), the no-answer share, and the share of questions whose
 reply revealed no fact. Every stage resumes: a second call redoes nothing.
 """
@@ -23,6 +27,7 @@ reply revealed no fact. Every stage resumes: a second call redoes nothing.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -57,6 +62,17 @@ def _set(config, overrides: dict) -> None:
             config[section][field] = value
 
 
+def _parse(item: str) -> tuple[str, object]:
+    """'grpo.steps=30' -> ('grpo.steps', 30): the value as a Python literal, else the string."""
+    key, sep, value = item.partition("=")
+    if not sep or key.count(".") != 1:
+        raise SystemExit(f"grpo_learning: --set {item!r}: expected SECTION.FIELD=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", type=pathlib.Path, help="a finished configs/rl.py pipeline workdir")
@@ -64,6 +80,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", type=int, default=200, help="held-out synthetic cases")
     parser.add_argument("--seeds", default="0,1", help="grpo.seed of the sig_grpo runs")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants (the others: first seed)")
+    parser.add_argument(
+        "--init", choices=("stage1", "warm_start"), default="stage1", help="the model Stage 2 starts from"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="a config override, repeatable"
+    )
     args = parser.parse_args(argv)
 
     from configs import rl as rl_config
@@ -81,7 +103,9 @@ def main(argv=None) -> None:
         config.pipeline.eval_cases = args.cases
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    models = {"stage1": stage1}
+    start = stage1 if args.init == "stage1" else warm
+    overrides = dict(_parse(item) for item in args.set)
+    models = {args.init: start}
     for variant in args.variants.split(","):
         for seed in seeds if variant == "sig_grpo" else seeds[:1]:
             name = f"{variant}-seed{seed}"
@@ -91,7 +115,7 @@ def main(argv=None) -> None:
             if not link.exists():
                 link.symlink_to((args.pipeline / "shapley").resolve(), target_is_directory=True)
             run = pipeline.from_folder(config, warm)
-            _set(run, {**VARIANTS[variant], "grpo.seed": seed, "grpo.init_checkpoint": str(stage1)})
+            _set(run, {**overrides, **VARIANTS[variant], "grpo.seed": seed, "grpo.init_checkpoint": str(start)})
             print(f"grpo_learning: {name}", flush=True)
             models[name] = pathlib.Path(run_stage("rl", run, str(workdir)) or workdir / "rl" / "model")
 
@@ -130,9 +154,9 @@ def main(argv=None) -> None:
         )
     base = rows[0]["accuracy"]
     lines = [
-        f"Stage 2 from {stage1} on {len(cases)} held-out synthetic cases (proactive, greedy)",
+        f"Stage 2 from {start} on {len(cases)} held-out synthetic cases (proactive, greedy)",
         "",
-        "| model | accuracy [95% CI] | vs Stage 1 | questions | SIG/question | no answer | no-fact questions |",
+        f"| model | accuracy [95% CI] | vs {args.init} | questions | SIG/question | no answer | no-fact questions |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
 
