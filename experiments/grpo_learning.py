@@ -21,7 +21,8 @@ training's). Variants:
 Printed, one row per model (and written to `--out/learning.md` and `learning.json`): accuracy with its 95%
 interval, the change against the start model in points, mean questions, SIG per question (the held-out cases' own
 weights with θ = the warm start, as the pipeline's table), the no-answer share, and the share of questions whose
-reply revealed no fact. Every stage resumes: a second call redoes nothing.
+reply revealed no fact. Every stage resumes: a second call redoes nothing. The run folders are named by
+variant and seed only, so give each `--init` / `--set` setting an `--out` of its own.
 """
 
 from __future__ import annotations
