@@ -9,7 +9,7 @@ From a finished default pipeline workdir (its Stage 1 model, its warm start and 
 weights) this runs the rl stage of `configs/rl.py` once per variant and seed, each in a workdir of its own
 under `--out` (linked to the pipeline's `shapley/`), from `--init` (the pipeline's Stage 1 model, or its warm
 start: the doctor that speaks the protocol but asks without reading the case), with the `--set` overrides
-(SECTION.FIELD=VALUE, a Python literal or a string, applied under each variant's own), then evaluates the
+(SECTION.FIELD=VALUE, typed by the entry point's flag parser; each variant's own settings go on top), then evaluates the
 start model and every result proactively, greedily, on `--cases` held-out synthetic cases (seed `pipeline.eval_seed`, disjoint from
 training's). Variants:
 
@@ -28,7 +28,6 @@ variant and seed only, so give each `--init` / `--set` setting an `--out` of its
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import pathlib
@@ -63,15 +62,19 @@ def _set(config, overrides: dict) -> None:
             config[section][field] = value
 
 
-def _parse(item: str) -> tuple[str, object]:
-    """'grpo.steps=30' -> ('grpo.steps', 30): the value as a Python literal, else the string."""
-    key, sep, value = item.partition("=")
-    if not sep or key.count(".") != 1:
-        raise SystemExit(f"grpo_learning: --set {item!r}: expected SECTION.FIELD=VALUE")
+def base_config(sets: list[str]):
+    """configs/rl.py with the `--set SECTION.FIELD=VALUE` overrides, typed and checked by the entry point's own
+    flag parser (`promed_jax.main.parse_args`, as `experiments/sweep.py`'s points are); a bad one exits with
+    main's one-line error."""
+    from experiments.sweep import parse_set
+    from promed_jax.main import parse_args
+
     try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+        flags = [f"--config.{key}={value}" for key, value in parse_set(sets).items()]
+        config, _ = parse_args(["grpo_learning", f"--config={REPO_ROOT / 'configs' / 'rl.py'}", *flags])
+    except ValueError as e:  # main's ConfigError is one
+        raise SystemExit(f"grpo_learning: --set: {e}") from None
+    return config
 
 
 def main(argv=None) -> None:
@@ -89,7 +92,6 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from configs import rl as rl_config
     from promed_jax import pipeline
     from promed_jax.consult.patients import make_patient
     from promed_jax.data.sources import cases_from_config
@@ -99,13 +101,12 @@ def main(argv=None) -> None:
 
     results = json.loads((args.pipeline / pipeline.OUT / "results.json").read_text())
     warm, stage1 = (pathlib.Path(results["models"][k]) for k in ("warm_start", "stage1"))
-    config = rl_config.get_config()
+    config = base_config(args.set)
     with config.unlocked():
         config.pipeline.eval_cases = args.cases
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     start = stage1 if args.init == "stage1" else warm
-    overrides = dict(_parse(item) for item in args.set)
     models = {args.init: start}
     for variant in args.variants.split(","):
         for seed in seeds if variant == "sig_grpo" else seeds[:1]:
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
             if not link.exists():
                 link.symlink_to((args.pipeline / "shapley").resolve(), target_is_directory=True)
             run = pipeline.from_folder(config, warm)
-            _set(run, {**overrides, **VARIANTS[variant], "grpo.seed": seed, "grpo.init_checkpoint": str(start)})
+            _set(run, {**VARIANTS[variant], "grpo.seed": seed, "grpo.init_checkpoint": str(start)})
             print(f"grpo_learning: {name}", flush=True)
             models[name] = pathlib.Path(run_stage("rl", run, str(workdir)) or workdir / "rl" / "model")
 

@@ -13,14 +13,16 @@ def test_no_fact_share_counts_questions_not_facts():
     assert VARIANTS["zero_advantage"] == {"grpo.advantage": "zero"}
 
 
-def test_set_overrides_parse_literals_and_refuse_a_bad_key():
+def test_set_overrides_are_typed_by_the_entry_points_parser_and_refuse_a_bad_key():
     import pytest
 
-    from experiments.grpo_learning import _parse
+    from experiments.grpo_learning import base_config
 
-    assert _parse("grpo.steps=30") == ("grpo.steps", 30)
-    assert _parse("grpo.learning_rate=3e-4") == ("grpo.learning_rate", 3e-4)
-    assert _parse("grpo.reward=outcome_only") == ("grpo.reward", "outcome_only")
-    for bad in ("grpo.steps", "steps=3", "a.b.c=1"):
-        with pytest.raises(SystemExit, match="SECTION.FIELD=VALUE"):
-            _parse(bad)
+    c = base_config(["grpo.steps=30", "grpo.learning_rate=3e-4", "grpo.reward=outcome_only", "sampling.temperature=1"])
+    assert (c.grpo.steps, c.grpo.learning_rate, c.grpo.reward) == (30, 3e-4, "outcome_only")
+    assert c.sampling.temperature == 1.0 and isinstance(c.sampling.temperature, float)
+    assert base_config([]).grpo.steps == 6  # the tiny preset's, untouched
+    for bad in ("grpo.steps", "steps=3", "grpo.nosuch=1", "grpo.steps=many"):
+        with pytest.raises(SystemExit, match="grpo_learning: --set: ") as raised:
+            base_config([bad])
+        assert "\n" not in str(raised.value)
