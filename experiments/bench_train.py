@@ -17,6 +17,8 @@ compute). Before the blocks were scanned, remat in the unrolled loop saved nothi
 the recomputations), so earlier runs "with remat" measured the no-remat step. The loss runs over
 vocabulary chunks of 8,192 (the fp32 logits [8, 512, 49152] are 0.8 GB; torch materializes them).
 The load average is printed: on a shared machine the numbers are only comparable within one run.
+The process reuses its freed host buffers (`device_memory.reuse_host_buffers`, as the entry point does;
+`--malloc default` for glibc's own behaviour): set before either framework starts, it holds for both.
 With `--reps 1` our steps are compiled ahead of time and not warmed up (the first call of a compiled step is
 its steady-state time on CPU, give or take allocation); torch's first step is always run untimed.
 
@@ -47,6 +49,7 @@ from flax import nnx
 from experiments.bench_json import result_row, write_results
 from experiments.bench_sampler import matmul_flops, median_time  # one timing rule for every benchmark
 from promed_jax import assets
+from promed_jax.device_memory import reuse_host_buffers
 from promed_jax.models.checkpoints import load_gguf
 from promed_jax.sharding import make_mesh
 from promed_jax.training import state as S
@@ -144,7 +147,15 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--lora", action="store_true", help="also time our LoRA step (adapters on q, v, r = 8)")
     parser.add_argument("--grpo", action="store_true", help="the GRPO step instead (experiments/bench_grpo.py)")
+    parser.add_argument(
+        "--malloc",
+        choices=("reuse", "default"),
+        default="reuse",
+        help="reuse: the entry point's host allocator setting (device_memory.reuse_host_buffers), for both "
+        "frameworks; default: glibc's own (every large buffer a fresh mapping)",
+    )
     args, rest = parser.parse_known_args()
+    reused = args.malloc == "reuse" and reuse_host_buffers()  # before jax or torch starts a thread
     reps = args.reps or (1 if args.quick else 5)
     if args.grpo:
         from experiments import bench_grpo
@@ -159,7 +170,7 @@ def main() -> None:
     torch.set_num_threads(2)
     print(
         f"load average (1, 5, 15 min): {os.getloadavg()}; cpus: {os.cpu_count()}; jax {jax.__version__}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; host buffers reused (both, one process): {reused}"
     )
     path = assets.smollm2_gguf_path()
     model = load_gguf(path, remat=args.remat)

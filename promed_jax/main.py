@@ -149,8 +149,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if config.mode != "pipeline":
         resolve_stage(config.mode)
     config_check.check_run(config, workdir)
+    from promed_jax.device_memory import reuse_host_buffers
+
+    reused = reuse_host_buffers()  # before jax starts its threads (each would take an arena of its own)
     import jax  # here, not at the top: --help and flag errors stay fast
 
+    logging.info("freed host buffers are reused (glibc mallopt): %s", reused)
     logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     logging.info("config:\n%s", config)
     if config.mode == "pipeline":

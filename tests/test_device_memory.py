@@ -2,6 +2,8 @@
 naming the step, its batch and the settings that lower it (in the library and through the entry point), and
 XLA's own RESOURCE_EXHAUSTED becomes the same kind of line."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,8 +124,15 @@ def _sft_step_bytes(layers: int, remat: bool) -> int:
     from promed_jax.training.sft import make_sft_loss
 
     cfg = ModelConfig.tiny(
-        vocab_size=128, num_heads=9, num_kv_heads=3, head_dim=8, num_layers=layers, remat=remat, lora_rank=4,
-        lora_alpha=8.0, lora_dropout=0.1,
+        vocab_size=128,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=8,
+        num_layers=layers,
+        remat=remat,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_dropout=0.1,
     )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     mesh = make_mesh((1,), ("data",))
@@ -149,3 +158,58 @@ def test_remat_keeps_one_layers_attention_not_every_layers():
     scores = 4 * 9 * 256 * 256 * 4
     assert per_layer[False] > 2 * scores
     assert per_layer[True] < scores / 4
+
+
+_REUSE_PROBE = """
+import ctypes, resource, sys, threading
+from promed_jax.device_memory import reuse_host_buffers
+assert reuse_host_buffers() if sys.argv[1] == "reuse" else True
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 256 * 2**20  # one block far above glibc's mmap threshold (128 KiB to 32 MiB)
+out = {}
+
+def first():  # a step on one thread: its buffer, written, then freed
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
+
+def second():  # the next step on another thread: how many fresh pages its buffer costs
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    p = libc.malloc(size)
+    ctypes.memset(p, 2, size)
+    out["faults"] = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+    libc.free(p)
+
+for fn in (first, second):
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join()
+print(out["faults"])
+"""
+
+
+def test_reused_host_buffers_cost_no_fresh_pages():
+    """`reuse_host_buffers`: a large block freed on one thread is reused by the next allocation on another
+    instead of being unmapped and mapped again (each of its 65,536 pages faulting on first touch). In
+    subprocesses: the setting is process-wide."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        pytest.skip("RUSAGE_THREAD is Linux's")
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", _REUSE_PROBE, mode], env=env, check=True, capture_output=True, text=True
+            ).stdout
+        )
+        for mode in ("plain", "reuse")
+    }
+    pages = 256 * 2**20 // 4096
+    assert faults["plain"] > pages // 2  # glibc's default: a fresh mapping
+    assert faults["reuse"] < pages // 100

@@ -63,8 +63,8 @@ def test_chunked_logprobs_equal_the_full_log_softmax(vocab, chunk):
 
     (ours, our_grads), (ref, ref_grads) = both(hidden, head)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
-    for a, b in zip(our_grads, ref_grads, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(our_grads, ref_grads, strict=True):  # the backward's softmax is exp(logit - lse): fp32 rounding
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
 
 
 def test_chunk_width_prefers_a_divisor():

@@ -82,7 +82,9 @@ def test_questions_never_hold_four_words_of_the_fact_on_medqa_dev(data_dir):
 def test_unclassified_facts_get_a_generic_question():
     plan = td.plan_case(_case(["Ribosomes are used to synthesize proteins."]), seed=0, max_questions=10)
     assert [q.topic for q in plan.questions] in ([], [td.FALLBACK])
-    seeds = [td.plan_case(_case(["Ribosomes are used to synthesize proteins."]), seed=s, max_questions=1) for s in range(20)]
+    seeds = [
+        td.plan_case(_case(["Ribosomes are used to synthesize proteins."]), seed=s, max_questions=1) for s in range(20)
+    ]
     asked = [p.questions[0] for p in seeds if p.questions]
     assert asked and all(q.fallback and q.text in td.FALLBACKS_EN for q in asked)
     assert all(p.fallbacks == len(p.questions) for p in seeds)
@@ -121,9 +123,7 @@ def test_the_answer_turn_reads_as_the_gold_letters(answer, language):
 def test_dialogues_follow_the_export_schema(tmp_path):
     cases = [_case(list(FACTS), case_id=f"t:{i}", answer=("ABCD"[i % 4],)) for i in range(12)]
     path = tmp_path / "topic.jsonl"
-    records = td.write_dialogues(
-        cases, FactSelectPatient(), path, seed=0, max_questions=6, protocol_max_questions=10
-    )
+    records = td.write_dialogues(cases, FactSelectPatient(), path, seed=0, max_questions=6, protocol_max_questions=10)
     read = data_lib.read_dialogues(path)
     assert read == records and len(read) == 12
     for case, r in zip(cases, read, strict=True):
@@ -160,3 +160,21 @@ def test_a_template_too_close_to_its_fact_is_not_used():
     for seed in range(20):
         for q in td.plan_case(_case([fact]), seed=seed, max_questions=1).questions:
             assert not td.shares_run(q.text, fact)
+
+
+def test_the_warm_start_consults_the_first_warm_start_cases(data_dir, tmp_path):
+    """`warm_start.cases` caps the topic doctor's consultations at the first cases of the split (0 = all)."""
+    from configs import rl as rl_config
+    from promed_jax.data.sources import cases_from_config
+    from promed_jax.training.run import dialogue_records
+
+    config = rl_config.get_config("smollm")
+    config.data.paths = (str(data_dir / "medqa_dev_convo.jsonl"),)
+    config.data.limit = 8
+    config.patient.kind = "fact_select"
+    config.warm_start.cases = 3
+    records = dialogue_records(config, tmp_path / "three", "warm_start")
+    first = [c.id for c in cases_from_config(config.data, stage="warm_start")]
+    assert len(first) == 8 and [r["case_id"] for r in records] == first[:3]
+    config.warm_start.cases = 0
+    assert len(dialogue_records(config, tmp_path / "all", "warm_start")) == 8

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from promed_jax.models.dense import dense
+
 
 class LoRAParam(nnx.Param):
     """A trainable adapter weight (train these alone with `nnx.Optimizer(model, tx, wrt=LoRAParam)`)."""
@@ -60,8 +62,8 @@ class LoRA(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
             x = self.dropout(x)
-        low = jnp.tensordot(x, self.a[...].astype(x.dtype), axes=self.n_in)
-        return jnp.tensordot(low, self.b[...].astype(x.dtype), axes=1) * jnp.asarray(self.scale, x.dtype)
+        low = dense(x, self.a[...].astype(x.dtype), self.n_in)
+        return dense(low, self.b[...].astype(x.dtype), 1) * jnp.asarray(self.scale, x.dtype)
 
     def delta(self) -> jax.Array:
         """The dense update `scale * A @ B` of the kernel, shape `[*in, *out]`."""

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from promed_jax.models.config import ModelConfig
+from promed_jax.models.dense import dense
 from promed_jax.models.lora import LoRA
 
 Axes = tuple[str | None, ...]
@@ -177,7 +178,7 @@ class Projection(nnx.Module):
 
     def __call__(self, x: jax.Array, use_lora: bool = True) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.n_in)
+        y = dense(x, self.kernel[...].astype(self.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if use_lora and self.lora is not None:

@@ -28,7 +28,7 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.cache
-def _glibc():
+def glibc():
     """glibc's handle with malloc_trim and mallinfo2 (glibc >= 2.33), or None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -41,7 +41,7 @@ def _glibc():
 
 def trim_heap() -> bool:
     """Returns the C heap's free memory to the system (`malloc_trim(0)`); False where there is no glibc."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     libc.malloc_trim(0)
@@ -58,7 +58,7 @@ class HeapStats:
 
 def heap_stats() -> HeapStats | None:
     """glibc's `mallinfo2`, summed over its arenas; None where there is no glibc."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return None
     info = libc.mallinfo2()

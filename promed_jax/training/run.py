@@ -111,8 +111,10 @@ def dialogue_records(config, folder: pathlib.Path, stage: str = STAGE) -> list[d
             from promed_jax.data.sources import cases_from_config
             from promed_jax.training.topic_doctor import write_dialogues
 
+            cases = cases_from_config(config.data, stage=stage)
+            n = section_of(config, stage).get("cases", 0)
             records = write_dialogues(
-                cases_from_config(config.data, stage=stage),
+                cases[:n] if n else cases,
                 make_patient(config.patient),
                 path,
                 seed=sft.seed,
@@ -334,9 +336,7 @@ def _run(config, workdir: str, stage: str) -> pathlib.Path:
             sft.max_tokens,
         )
     if not train:
-        raise DataError(
-            f"{stage}: all {len(records)} dialogues are held out or too long; lower {stage}.eval_fraction"
-        )
+        raise DataError(f"{stage}: all {len(records)} dialogues are held out or too long; lower {stage}.eval_fraction")
     logging.info("%s: %d train / %d held-out dialogues, buckets %s", stage, len(train), len(held), lengths)
     trainer = Trainer(model, train, sft=sft, lora=config.model.lora_rank > 0, mesh=mesh, pad_id=pad_id, lengths=lengths)
     saver = Checkpointer(checkpoints, every_steps=ckpt.every_steps, max_to_keep=ckpt.max_to_keep)
