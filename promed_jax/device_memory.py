@@ -7,7 +7,7 @@ its bytes in use (`Device.memory_stats()`), on the CPU the kernel's MemAvailable
 None where it cannot be read (then nothing is checked). A step over the budget is a `ResourceError` of one
 line before it runs, instead of XLA's RESOURCE_EXHAUSTED (or, on the CPU, the kernel's OOM kill) mid-run.
 
-`reuse_host_buffers()` is the CPU's allocator setting (below): the entry point sets it when it runs on the CPU.
+`reuse_host_buffers()` is the host allocator's setting (below): the entry point sets it at start.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ picking each target's logit from the chunk that holds it. The backward pass is w
 keeps only the log-sum-exp per token, recomputes each block's logits, and forms the block's gradient
 `g * (onehot(target) - softmax)` directly, so it too holds one `[B, T, chunk]` block at a time and runs one
 product more than a materialized softmax would (four against three). Differentiating the online log-sum-exp
-through a rematerialised scan instead, as this module first did, cost 2.0 s against 1.5 for SmolLM2's head at
-1,024 tokens on the CPU (the chain through the running max and sum, and the gradient of the target pick). At 8k tokens and Qwen's 152k vocabulary a row's full
-fp32 logits would take about 5 GB; a chunk of 8,192 columns takes 256 MB.
+through a rematerialised scan instead, as this module first did, cost 2.0 s against 1.4 for SmolLM2's head at
+1,024 tokens on the CPU (the chain through the running max and sum, and the gradient of the target pick). At
+8k tokens and Qwen's 152k vocabulary a row's full fp32 logits would take about 5 GB; a chunk of 8,192 columns
+takes 256 MB.
 
 The SFT loss (`masked_nll`) and the GRPO ratio and KL terms both read these log-probabilities.
 """
