@@ -23,6 +23,13 @@ Measured 2026-12-02 on 2 shared CPU cores (load average 3.5 at the start, 1.9 at
 torch full 89.0 s (28.8 tokens/s, MFU 26%), ours LoRA 40.7 s (62.9, 57%, 2.18x), ours full 50.1 s (51.1,
 46%, 1.78x); our compile 78 s (LoRA), 61 s (full). Medians of 3, not 5 (time).
 
+Again 2026-12-04 through `bench_train.py --grpo` (same flags; that entry reuses freed host buffers for both
+frameworks, `device_memory.reuse_host_buffers`), load 0.3 at the start, 2.0 at the end, peak 181.0 GFLOP/s:
+rollout 10.8 doctor tokens/s warm (7.0 compiling, 6.2 on other cases); update torch full 48.4 s (52.9
+tokens/s, MFU 39%), ours LoRA 44.5 s (57.5, 43%, 1.09x), ours full 51.8 s (49.4, 37%, 0.93x); the log-prob
+pass 18.9 s torch, 19.6 ours. torch gained most from the allocator (89.0 -> 48.4 s); ours did not move
+(the loads differ and the causes were not separated).
+
     nice -n 10 python experiments/bench_grpo.py              # CPU defaults: 64 new tokens, 2 questions
     python experiments/bench_train.py --grpo                 # the same, from the training benchmark
     python experiments/bench_grpo.py --quick --reps 5 --json out.json   # experiments/run_benchmarks.py's size
