@@ -213,3 +213,15 @@ def test_reused_host_buffers_cost_no_fresh_pages():
     pages = 256 * 2**20 // 4096
     assert faults["plain"] > pages // 2  # glibc's default: a fresh mapping
     assert faults["reuse"] < pages // 100
+
+
+def test_cpu_available_bytes_trims_the_heap_first(monkeypatch):
+    """With freed buffers kept for reuse (`reuse_host_buffers`), MemAvailable leaves out the heap's free
+    memory, which is ours: `available_bytes` on the CPU trims the heap before it reads MemAvailable."""
+    from promed_jax.shapley import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(device_memory, "_meminfo_available", lambda: calls.append("read") or 1234)
+    assert device_memory.available_bytes(jax.devices("cpu")[0]) == 1234
+    assert calls == ["trim", "read"]
