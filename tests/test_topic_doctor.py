@@ -163,7 +163,8 @@ def test_a_template_too_close_to_its_fact_is_not_used():
 
 
 def test_the_warm_start_consults_the_first_warm_start_cases(data_dir, tmp_path):
-    """`warm_start.cases` caps the topic doctor's consultations at the first cases of the split (0 = all)."""
+    """`warm_start.cases` picks the topic doctor's consultations: the first cases of the split, whatever
+    data.limit (0 = data.limit's)."""
     from configs import rl as rl_config
     from promed_jax.data.sources import cases_from_config
     from promed_jax.training.run import dialogue_records
@@ -178,3 +179,8 @@ def test_the_warm_start_consults_the_first_warm_start_cases(data_dir, tmp_path):
     assert len(first) == 8 and [r["case_id"] for r in records] == first[:3]
     config.warm_start.cases = 0
     assert len(dialogue_records(config, tmp_path / "all", "warm_start")) == 8
+    # more than data.limit: the warm start's own cap replaces it (the later stages keep data.limit)
+    config.data.limit = 2
+    config.warm_start.cases = 5
+    records = dialogue_records(config, tmp_path / "five", "warm_start")
+    assert [r["case_id"] for r in records] == first[:5]

@@ -111,10 +111,14 @@ def dialogue_records(config, folder: pathlib.Path, stage: str = STAGE) -> list[d
             from promed_jax.data.sources import cases_from_config
             from promed_jax.training.topic_doctor import write_dialogues
 
-            cases = cases_from_config(config.data, stage=stage)
+            # `cases` replaces data.limit here: the warm start may consult more cases than the later stages
             n = section_of(config, stage).get("cases", 0)
+            data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
+            if n:
+                data["limit"] = n
+            cases = cases_from_config(data, stage=stage)
             records = write_dialogues(
-                cases[:n] if n else cases,
+                cases,
                 make_patient(config.patient),
                 path,
                 seed=sft.seed,
