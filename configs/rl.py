@@ -7,8 +7,9 @@ or a Hugging Face folder; '' = this workdir's Stage 1 output when there is one, 
 
 Presets: tiny (the CPU default: a fresh 4-layer model warm-started on 512 synthetic cases' naive-doctor
 dialogues, Stage 1 and 6 Stage 2 batches on 64 cases, 64 held-out cases), smollm (SmolLM2-135M, LoRA r = 8,
-warm-started on the topic doctor's MedQA consultations, the paper's Stage 2 settings at B = 2 cases x G = 4,
-50 test-split cases), qwen7b / llama8b (the paper's doctors, for GPUs; below).
+warm-started on the topic doctor's consultations of 96 MedQA training cases, Shapley, MCTS and 6 Stage 2
+batches of 2 cases x G = 4 on 16 training cases, 50 test-split cases: a budget for 90 minutes on 2 CPU
+cores), qwen7b / llama8b (the paper's doctors, for GPUs; below).
 
 qwen7b (Qwen2.5-7B-Instruct) and llama8b (Llama-3.1-8B-Instruct): `--config.model.path=` a local Hugging Face
 folder (required: without it the run stops with one `error:` line; nothing is downloaded), bf16 weights and
