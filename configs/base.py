@@ -230,7 +230,7 @@ def warm_start_config() -> ml_collections.ConfigDict:
     c.eval_fraction = 0.05
     c.vocab_size = 1024  # model.kind='tiny': the BPE trained on the clinic's dialogues
     # source 'naive': synthetic cases the naive doctor consults (0 = data.synthetic_n); source 'topic': the
-    # first `cases` of the configured split the topic doctor consults (0 = all of them)
+    # first `cases` of the configured split the topic doctor consults, in place of data.limit (0 = data.limit's)
     c.cases = 0
     c.naive_max_questions = 10  # the protocol's limit: the naive doctor asks the table in order up to it
     return c
