@@ -113,9 +113,7 @@ def dialogue_records(config, folder: pathlib.Path, stage: str = STAGE) -> list[d
 
             # `cases` replaces data.limit here: the warm start may consult more cases than the later stages
             n = section_of(config, stage).get("cases", 0)
-            data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
-            if n:
-                data["limit"] = n
+            data = {**config.data.to_dict(), "limit": n} if n else config.data
             cases = cases_from_config(data, stage=stage)
             records = write_dialogues(
                 cases,
